@@ -1,0 +1,3 @@
+from gata_ft.cli import main
+
+main()

@@ -1,0 +1,29 @@
+"""Errors a user can cause. The CLI turns them into `Error: ...` and exit 1."""
+
+
+class GataError(Exception):
+    """Base class: the message says what was expected, what was found, and how to fix it."""
+
+
+class ConfigError(GataError):
+    """A hyperparameter, flag or environment variable has a bad value."""
+
+
+class DataError(GataError):
+    """Training or test data failed validation."""
+
+
+class ModelError(GataError):
+    """The base model or a checkpoint cannot be used."""
+
+
+class ArtifactError(GataError):
+    """A model artifact (tarball or directory) is missing, corrupt or of an unknown format."""
+
+
+class JobInterrupted(GataError):
+    """SIGTERM (a spot interruption) arrived; a checkpoint was saved for the restarted job."""
+
+
+class WorkerFailed(GataError):
+    """A training worker failed and wrote the failure file itself; keep its reason."""
