@@ -1,0 +1,196 @@
+"""Training options: one dataclass, filled from defaults, hyperparameters.json and CLI flags."""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import json
+import math
+import typing
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+
+from gata_ft.errors import ConfigError
+
+METRICS = (
+    "f1",
+    "accuracy",
+    "precision",
+    "recall",
+    "f1_macro",
+    "precision_macro",
+    "recall_macro",
+    "loss",
+)
+SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+)
+
+
+def _opt(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every option of the training job. Each one is a hyperparameter and a CLI flag."""
+
+    base_model: str = _opt(
+        "bert-base-uncased",
+        "Hugging Face model id (looked up in the local cache) or a local checkpoint directory.",
+    )
+    allow_download: bool = _opt(
+        False, "Let the job download the base model from the Hugging Face Hub when not cached."
+    )
+    max_length: int = _opt(256, "Truncate tickets to this many tokens.")
+    per_device_train_batch_size: int = _opt(16, "Training batch size per GPU (or CPU).")
+    per_device_eval_batch_size: int = _opt(64, "Evaluation batch size per GPU (or CPU).")
+    gradient_accumulation_steps: int = _opt(1, "Batches to accumulate before each optimizer step.")
+    gradient_checkpointing: bool = _opt(
+        False, "Recompute activations in the backward pass: less memory, slower."
+    )
+    num_train_epochs: float = _opt(4.0, "Passes over the training data.")
+    learning_rate: float = _opt(2e-5, "Peak learning rate of AdamW.")
+    weight_decay: float = _opt(0.01, "AdamW weight decay.")
+    warmup_ratio: float = _opt(0.1, "Share of the steps spent warming the learning rate up.")
+    lr_scheduler_type: str = _opt("linear", f"Learning-rate schedule: {', '.join(SCHEDULERS)}.")
+    label_smoothing_factor: float = _opt(0.0, "Label smoothing of the cross-entropy loss.")
+    seed: int = _opt(42, "Random seed (model head, data order, dropout).")
+    fp16: bool | None = _opt(None, "fp16 mixed precision; by default on when CUDA is available.")
+    bf16: bool = _opt(False, "bf16 mixed precision instead of fp16 (Ampere GPUs and newer).")
+    metric_for_best_model: str = _opt(
+        "f1", f"Metric that picks the best checkpoint: {', '.join(METRICS)}."
+    )
+    early_stopping_patience: int = _opt(
+        0, "Stop after this many evaluations without improvement (0: never stop early)."
+    )
+    eval_steps: int = _opt(
+        0, "Evaluate and checkpoint every N optimizer steps (0: at the end of each epoch)."
+    )
+    logging_steps: int = _opt(50, "Log the training loss every N optimizer steps.")
+    save_total_limit: int = _opt(2, "Checkpoints to keep (the best one is always kept).")
+    normalize_text: bool = _opt(
+        False, "Repair texts (lower-case, other characters to spaces) instead of rejecting them."
+    )
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("base_model", bool(self.base_model.strip()), "a model id or a directory"),
+            ("max_length", 8 <= self.max_length <= 8192, "an integer from 8 to 8192"),
+            ("per_device_train_batch_size", self.per_device_train_batch_size >= 1, "at least 1"),
+            ("per_device_eval_batch_size", self.per_device_eval_batch_size >= 1, "at least 1"),
+            ("gradient_accumulation_steps", self.gradient_accumulation_steps >= 1, "at least 1"),
+            ("num_train_epochs", self.num_train_epochs > 0, "a number above 0"),
+            ("learning_rate", 0 < self.learning_rate < 1, "a number between 0 and 1"),
+            ("weight_decay", self.weight_decay >= 0, "a number of 0 or more"),
+            ("warmup_ratio", 0 <= self.warmup_ratio < 1, "a number from 0 up to 1"),
+            ("label_smoothing_factor", 0 <= self.label_smoothing_factor < 1, "from 0 up to 1"),
+            ("lr_scheduler_type", self.lr_scheduler_type in SCHEDULERS, f"one of {SCHEDULERS}"),
+            ("seed", self.seed >= 0, "a non-negative integer"),
+            ("metric_for_best_model", self.metric_for_best_model in METRICS, f"one of {METRICS}"),
+            ("early_stopping_patience", self.early_stopping_patience >= 0, "0 or more"),
+            ("eval_steps", self.eval_steps >= 0, "0 or more"),
+            ("logging_steps", self.logging_steps >= 1, "at least 1"),
+            ("save_total_limit", self.save_total_limit >= 1, "at least 1"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ConfigError(f"{name}: expected {expected}, found {getattr(self, name)!r}")
+        if self.fp16 and self.bf16:
+            raise ConfigError("fp16 and bf16 are both true: choose one mixed precision")
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+_TYPES = typing.get_type_hints(TrainConfig)
+OPTIONS = {f.name: f for f in fields(TrainConfig)}
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def option_kind(name: str) -> type:
+    """The scalar type of an option: bool, int, float or str."""
+    kind = _TYPES[name]
+    return next(t for t in (bool, int, float, str) if t is kind or t in typing.get_args(kind))
+
+
+def parse_value(name: str, raw: object, source: str) -> object:
+    """Convert one option value, as SageMaker sends it (a string) or as JSON, to its type."""
+    kind = option_kind(name)
+    value = raw
+    if isinstance(value, str):
+        value = value.strip()
+        # The SageMaker Python SDK's framework estimators JSON-encode every
+        # value, so a string arrives wrapped in a second pair of quotes.
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            with contextlib.suppress(json.JSONDecodeError):
+                value = json.loads(value)
+    try:
+        return _convert(kind, value)
+    except ValueError:
+        expected = {
+            bool: "true or false",
+            int: "an integer",
+            float: "a number",
+            str: "a string",
+        }[kind]
+        raise ConfigError(f"{name}: expected {expected}, found {raw!r} (in {source})") from None
+
+
+def _convert(kind: type, value: object) -> object:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in _TRUE | _FALSE:
+            return text in _TRUE
+        raise ValueError
+    if isinstance(value, bool):
+        raise ValueError
+    if kind is int:
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            return int(value)
+        raise ValueError
+    if kind is float:
+        number = float(value) if isinstance(value, int | float | str) else math.nan
+        if not math.isfinite(number):
+            raise ValueError
+        return number
+    if not isinstance(value, str):
+        raise ValueError
+    return value
+
+
+def build_config(
+    hyperparameters: Mapping[str, object],
+    flags: Mapping[str, object],
+    hyperparameters_source: str = "hyperparameters.json",
+) -> tuple[TrainConfig, list[str], list[str]]:
+    """Merge defaults < hyperparameters < CLI flags.
+
+    Returns the config, the names the user set, and warnings about unknown keys.
+    """
+    values: dict[str, object] = {}
+    warnings = []
+    for key, raw in hyperparameters.items():
+        if key in OPTIONS:
+            values[key] = parse_value(key, raw, hyperparameters_source)
+        elif not key.startswith("sagemaker_"):  # the SDK's own keys, not ours
+            close = difflib.get_close_matches(key, list(OPTIONS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            warnings.append(
+                f"unknown hyperparameter {key!r} in {hyperparameters_source} is ignored{hint}"
+            )
+    for key, raw in flags.items():
+        if raw is not None:
+            values[key] = parse_value(key, raw, "command line")
+    return TrainConfig(**values), sorted(values), warnings

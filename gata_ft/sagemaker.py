@@ -1,0 +1,89 @@
+"""The one place that reads SageMaker's SM_* variables and /opt/ml paths."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from gata_ft.errors import ConfigError
+
+ENV_DEFAULTS = {
+    "SM_CHANNEL_TRAIN": "/opt/ml/input/data/train",
+    "SM_CHANNEL_TEST": "/opt/ml/input/data/test",
+    "SM_MODEL_DIR": "/opt/ml/model",
+    "SM_OUTPUT_DATA_DIR": "/opt/ml/output/data",
+    "SM_OUTPUT_DIR": "/opt/ml/output",
+    "SM_INPUT_CONFIG_DIR": "/opt/ml/input/config",
+    # Not a SageMaker variable: SageMaker syncs /opt/ml/checkpoints to S3 for
+    # spot training (the estimator's checkpoint_local_path).
+    "GATA_CHECKPOINT_DIR": "/opt/ml/checkpoints",
+}
+ARTIFACT_NAME = "model.tar.gz"
+
+
+@dataclass(frozen=True)
+class JobPaths:
+    """Where a training job reads its data and writes its results."""
+
+    train: Path
+    test: Path
+    model_dir: Path
+    output_data_dir: Path
+    checkpoint_dir: Path
+    failure_file: Path
+    hyperparameters_file: Path
+
+    @property
+    def artifact(self) -> Path:
+        return self.model_dir / ARTIFACT_NAME
+
+
+def _env(env: Mapping[str, str], name: str) -> Path:
+    return Path(env.get(name) or ENV_DEFAULTS[name])
+
+
+def job_paths(env: Mapping[str, str] | None = None, **overrides: Path | str | None) -> JobPaths:
+    """Paths from the SM_* variables (or /opt/ml defaults); non-None overrides win."""
+    env = os.environ if env is None else env
+    paths = {
+        "train": _env(env, "SM_CHANNEL_TRAIN"),
+        "test": _env(env, "SM_CHANNEL_TEST"),
+        "model_dir": _env(env, "SM_MODEL_DIR"),
+        "output_data_dir": _env(env, "SM_OUTPUT_DATA_DIR"),
+        "checkpoint_dir": _env(env, "GATA_CHECKPOINT_DIR"),
+        "failure_file": _env(env, "SM_OUTPUT_DIR") / "failure",
+        "hyperparameters_file": _env(env, "SM_INPUT_CONFIG_DIR") / "hyperparameters.json",
+    }
+    paths.update({k: Path(v) for k, v in overrides.items() if v is not None})
+    return JobPaths(**paths)
+
+
+def read_hyperparameters(path: Path) -> dict[str, object]:
+    """SageMaker's hyperparameters.json (values are strings); {} when the file is absent."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(
+            f"{path}: expected a JSON object of hyperparameters, found invalid JSON: {e}"
+        ) from e
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: expected a JSON object of hyperparameters, found {type(data).__name__}"
+        )
+    return data
+
+
+def num_gpus(env: Mapping[str, str] | None = None) -> int | None:
+    """SM_NUM_GPUS as an integer, or None when it is not set."""
+    env = os.environ if env is None else env
+    raw = env.get("SM_NUM_GPUS")
+    if raw is None or raw == "":
+        return None
+    if not raw.strip().isdigit():
+        raise ConfigError(f"SM_NUM_GPUS: expected a non-negative integer, found {raw!r}")
+    return int(raw)
