@@ -1,0 +1,217 @@
+"""The `gata-ft` command: the one place that prints results, writes the failure file, or exits."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+
+from gata_ft import __version__
+from gata_ft.config import OPTIONS, build_config, option_kind
+from gata_ft.errors import GataError, WorkerFailed
+from gata_ft.sagemaker import job_paths, read_hyperparameters
+
+FAILURE_LIMIT = 4000  # SageMaker shows the first 1024 characters as FailureReason
+
+
+def _emit(text: str) -> None:
+    click.echo(text)
+
+
+def _setup_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    logger = logging.getLogger("gata_ft")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="gata-ft")
+def cli() -> None:
+    """Fine-tune a BERT ticket router and export it for CPU serving.
+
+    On SageMaker the container runs `gata-ft train`; every path then comes from
+    the SM_* variables and every option from hyperparameters.json.
+    """
+    _setup_logging()
+
+
+def _training_options(func):
+    """One flag per TrainConfig field; unset flags leave the hyperparameter or default."""
+    for name in reversed(list(OPTIONS)):
+        field = OPTIONS[name]
+        flag = name.replace("_", "-")
+        help_text = f"{field.metadata['help']} [default: {_show(field.default)}]"
+        if option_kind(name) is bool:
+            option = click.option(f"--{flag}/--no-{flag}", name, default=None, help=help_text)
+        else:
+            metavar = {int: "INT", float: "NUMBER", str: "TEXT"}[option_kind(name)]
+            option = click.option(f"--{flag}", name, metavar=metavar, help=help_text)
+        func = option(func)
+    return func
+
+
+def _show(default: object) -> str:
+    if default is None:
+        return "auto"
+    return str(default).lower() if isinstance(default, bool) else str(default)
+
+
+_PATH = click.Path(path_type=Path)
+
+
+@cli.command()
+@click.option("--train", "train_dir", type=_PATH, help="Training channel. [env SM_CHANNEL_TRAIN]")
+@click.option("--test", "test_dir", type=_PATH, help="Test channel. [env SM_CHANNEL_TEST]")
+@click.option("--model-dir", type=_PATH, help="Where model.tar.gz goes. [env SM_MODEL_DIR]")
+@click.option("--output-data-dir", type=_PATH, help="Metrics and plots. [env SM_OUTPUT_DATA_DIR]")
+@click.option(
+    "--checkpoint-dir",
+    type=_PATH,
+    help="Checkpoints for resuming. [env GATA_CHECKPOINT_DIR, default /opt/ml/checkpoints]",
+)
+@click.option(
+    "--failure-file", type=_PATH, help="Reason for a failure. [default $SM_OUTPUT_DIR/failure]"
+)
+@click.option(
+    "--hyperparameters",
+    "hyperparameters_file",
+    type=_PATH,
+    help="JSON object of options. [default $SM_INPUT_CONFIG_DIR/hyperparameters.json]",
+)
+@_training_options
+def train(
+    train_dir, test_dir, model_dir, output_data_dir, checkpoint_dir, failure_file,
+    hyperparameters_file, **flags,
+) -> None:  # fmt: skip
+    """Fine-tune on the train channel, evaluate on the test channel, write model.tar.gz.
+
+    Options come from defaults, then hyperparameters.json, then these flags.
+    """
+    paths = job_paths(
+        train=train_dir,
+        test=test_dir,
+        model_dir=model_dir,
+        output_data_dir=output_data_dir,
+        checkpoint_dir=checkpoint_dir,
+        failure_file=failure_file,
+        hyperparameters_file=hyperparameters_file,
+    )
+    paths.failure_file.unlink(missing_ok=True)  # a stale reason from an earlier run
+    with _failure_guard(paths.failure_file):
+        from gata_ft.job import run_job
+
+        hyperparameters = read_hyperparameters(paths.hyperparameters_file)
+        config, user_set, warnings = build_config(
+            hyperparameters, flags, str(paths.hyperparameters_file)
+        )
+        for warning in warnings:
+            logging.getLogger("gata_ft").warning(warning)
+        run_job(config, user_set, paths, _emit)
+
+
+@cli.command(hidden=True)
+@click.argument("spec", type=_PATH)
+def worker(spec: Path) -> None:
+    """One process of a distributed run (started by `train` through torchrun)."""
+    from gata_ft.job import run_worker
+    from gata_ft.train import is_main_process
+
+    spec_data = json.loads(spec.read_text(encoding="utf-8"))
+    failure = Path(spec_data["paths"]["failure_file"])
+    with _failure_guard(failure if is_main_process() else None):
+        run_worker(spec, _emit if is_main_process() else lambda _text: None)
+
+
+@cli.command()
+@click.argument("dirs", nargs=-1, type=_PATH)
+@click.option("--normalize-text", is_flag=True, help="Count texts that would be repaired.")
+def validate(dirs: tuple[Path, ...], normalize_text: bool) -> None:
+    """Validate channel directories (each with data.json) without training.
+
+    With no DIRS, the SageMaker train and test channels. With two or more, the
+    first is the training split and the others must use only its labels.
+    """
+    from gata_ft.data import LabelMap, balance_table, read_split
+
+    if not dirs:
+        paths = job_paths()
+        dirs = (paths.train, paths.test)
+    splits, errors = [], []
+    for directory in dirs:
+        try:
+            splits.append(read_split(directory, directory.name, normalize=normalize_text))
+        except GataError as e:
+            errors.append(str(e))
+    if not errors and len(splits) >= 2:
+        try:
+            label_map = LabelMap.from_split(splits[0])
+            for split in splits[1:]:
+                label_map.check_covers(split)
+        except GataError as e:
+            errors.append(str(e))
+    for split in splits:
+        repaired = f", {split.normalized_rows} texts normalised" if normalize_text else ""
+        click.echo(f"ok: {split.path}: {len(split)} rows, {len(split.counts())} labels{repaired}")
+    if errors:
+        raise click.ClickException("\n".join(errors))
+    if len(splits) >= 2:
+        click.echo(balance_table(LabelMap.from_split(splits[0]), splits))
+
+
+@cli.command()
+@click.argument("folder", type=_PATH)
+@click.option("--train-per-queue", default=80, show_default=True, help="Training rows per queue.")
+@click.option("--test-per-queue", default=30, show_default=True, help="Test rows per queue.")
+def example(folder: Path, train_per_queue: int, test_per_queue: int) -> None:
+    """Write the built-in synthetic ticket set to FOLDER/train and FOLDER/test."""
+    from gata_ft.examples import QUEUES, write_example
+
+    write_example(folder, train_per_queue, test_per_queue)
+    click.echo(
+        f"wrote {folder / 'train' / 'data.json'} ({train_per_queue * len(QUEUES)} rows) and "
+        f"{folder / 'test' / 'data.json'} ({test_per_queue * len(QUEUES)} rows), "
+        f"{len(QUEUES)} queues"
+    )
+
+
+@contextmanager
+def _failure_guard(failure_file: Path | None) -> Iterator[None]:
+    """Turn any failure into `Error: ...` on stderr, a failure file and exit code 1."""
+    try:
+        yield
+        return
+    except WorkerFailed as e:  # the worker wrote the failure file already
+        reason, failure_file = str(e), None
+    except GataError as e:
+        reason = str(e)
+    except KeyboardInterrupt:
+        reason = "interrupted (KeyboardInterrupt)"
+    except Exception as e:
+        traceback.print_exc(file=sys.stderr)
+        reason = f"unexpected error: {type(e).__name__}: {e}"
+    if failure_file is not None:
+        _write_failure(failure_file, reason)
+    click.echo(f"Error: {reason}", err=True)
+    sys.exit(1)
+
+
+def _write_failure(path: Path, reason: str) -> None:
+    paragraph = " ".join(line.strip() for line in reason.splitlines() if line.strip())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(paragraph[:FAILURE_LIMIT] + "\n", encoding="utf-8")
+    except OSError as e:
+        click.echo(f"warning: cannot write the failure file {path}: {e}", err=True)
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,183 @@
+"""The training job around the Trainer: validate, pick a checkpoint, launch the processes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from gata_ft import checkpoints
+from gata_ft.config import TrainConfig
+from gata_ft.data import LabelMap, Split, balance_table, read_split
+from gata_ft.errors import GataError, WorkerFailed
+from gata_ft.sagemaker import JobPaths, num_gpus
+
+log = logging.getLogger("gata_ft")
+Emit = Callable[[str], None]
+MIN_ROWS_PER_CLASS = 5
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What every training process needs besides the config: validated data and its identity."""
+
+    train: Split
+    test: Split
+    label_map: LabelMap
+    fingerprint: str
+
+
+def prepare(config: TrainConfig, paths: JobPaths, num_processes: int) -> Prepared:
+    """Read and validate both channels; fail before any model is loaded."""
+    train = read_split(paths.train, "train", normalize=config.normalize_text)
+    test = read_split(paths.test, "test", normalize=config.normalize_text)
+    label_map = LabelMap.from_split(train)
+    label_map.check_covers(test)
+    fingerprint = checkpoints.fingerprint(
+        {
+            "train": train.sha256,
+            "test": test.sha256,
+            "labels": list(label_map.labels),
+            "config": config.to_dict(),
+            "num_processes": num_processes,
+        }
+    )
+    return Prepared(train, test, label_map, fingerprint)
+
+
+def describe(prepared: Prepared) -> str:
+    """The data summary the job prints: sizes, repairs and the class balance of each split."""
+    lines = []
+    for split in (prepared.train, prepared.test):
+        line = f"{split.name}: {len(split)} rows from {split.path}"
+        if split.normalized_rows:
+            line += f" ({split.normalized_rows} texts normalised)"
+        lines.append(line)
+    lines.append(f"{len(prepared.label_map)} labels; rows per label and split:")
+    lines.append(balance_table(prepared.label_map, [prepared.train, prepared.test]))
+    return "\n".join(lines)
+
+
+def data_warnings(prepared: Prepared) -> list[str]:
+    warnings = []
+    counts = prepared.train.counts()
+    small = [
+        str(label) for label in prepared.label_map.labels if counts[label] < MIN_ROWS_PER_CLASS
+    ]
+    if small:
+        warnings.append(
+            f"labels with fewer than {MIN_ROWS_PER_CLASS} training rows, too few to learn: "
+            + ", ".join(small)
+        )
+    overlap = len(set(prepared.train.texts) & set(prepared.test.texts))
+    if overlap:
+        warnings.append(
+            f"{overlap} test texts also appear in the training data; "
+            "test metrics overstate accuracy on new tickets"
+        )
+    return warnings
+
+
+def go_offline(allow_download: bool) -> None:
+    """Production jobs run with network isolation: never wait on the Hub unless allowed.
+
+    Must run before huggingface_hub is imported, which reads these variables once.
+    """
+    value = "0" if allow_download else "1"
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ[name] = value
+
+
+def process_count() -> int:
+    """One process per GPU: SM_NUM_GPUS, else the GPUs torch sees; 1 on a CPU."""
+    gpus = num_gpus()
+    if gpus is None:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    return max(gpus, 1)
+
+
+def run_job(
+    config: TrainConfig,
+    user_set: Sequence[str],
+    paths: JobPaths,
+    emit: Emit,
+    callbacks: Sequence = (),
+) -> None:
+    """Validate, then train in this process or, with several GPUs, under torchrun."""
+    go_offline(config.allow_download)
+    nproc = process_count()
+    prepared = prepare(config, paths, nproc)
+    emit(describe(prepared))
+    for warning in data_warnings(prepared):
+        log.warning(warning)
+    resume = checkpoints.select_resume(paths.checkpoint_dir, prepared.fingerprint, log.warning)
+    if nproc > 1:
+        _launch(nproc, config, user_set, paths, resume)
+        return
+    from gata_ft.train import run
+
+    run(config, user_set, paths, prepared, resume, emit, callbacks)
+
+
+def _launch(
+    nproc: int,
+    config: TrainConfig,
+    user_set: Sequence[str],
+    paths: JobPaths,
+    resume: Path | None,
+) -> None:
+    """Run the worker on every GPU with PyTorch's own launcher (torchrun, DDP)."""
+    spec = {
+        "config": config.to_dict(),
+        "user_set": list(user_set),
+        "paths": {k: str(v) for k, v in asdict(paths).items()},
+        "resume_from": str(resume) if resume else None,
+    }
+    with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="gata-ft-worker-") as f:
+        json.dump(spec, f)
+        f.flush()
+        command = launch_command(nproc, f.name)
+        log.info("launching %d training processes: %s", nproc, " ".join(command))
+        returncode = subprocess.call(command)
+    if returncode != 0:
+        if paths.failure_file.is_file():  # the main worker already said why
+            raise WorkerFailed(paths.failure_file.read_text(encoding="utf-8").strip())
+        raise GataError(
+            f"distributed training failed: torchrun exited with code {returncode}; "
+            "the first error of a worker is in the log above"
+        )
+
+
+def launch_command(nproc: int, spec_path: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "gata_ft",
+        "worker",
+        spec_path,
+    ]
+
+
+def run_worker(spec_path: Path, emit: Emit) -> None:
+    """One torchrun process: the same data and config as the launcher, then the Trainer."""
+    spec = json.loads(spec_path.read_text(encoding="utf-8"))
+    config = TrainConfig(**spec["config"])
+    paths = JobPaths(**{k: Path(v) for k, v in spec["paths"].items()})
+    go_offline(config.allow_download)
+    prepared = prepare(config, paths, int(os.environ.get("WORLD_SIZE", "1")))
+    resume = Path(spec["resume_from"]) if spec["resume_from"] else None
+    from gata_ft.train import run
+
+    run(config, spec["user_set"], paths, prepared, resume, emit)
