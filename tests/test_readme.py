@@ -1,0 +1,45 @@
+"""The README's reference sections must match the code they describe."""
+
+import re
+import subprocess
+
+from conftest import REPO
+
+from gata_ft.config import OPTIONS, option_kind
+
+README = (REPO / "README.md").read_text(encoding="utf-8")
+
+
+def test_hyperparameter_table_lists_every_option_with_its_default_and_help():
+    rows = dict(re.findall(r"^\| `(\w+)` \| (\w+ \| `[^`]*` \| .*) \|$", README, re.MULTILINE))
+    for name, field in OPTIONS.items():
+        default = field.default
+        shown = (
+            "auto"
+            if default is None
+            else str(default).lower()
+            if isinstance(default, bool)
+            else default
+        )
+        assert (
+            rows.get(name) == f"{option_kind(name).__name__} | `{shown}` | {field.metadata['help']}"
+        ), name
+
+
+def test_ci_runs_the_readme_test_command():
+    assert "make test   # set up .venv, then lint and run every test" in README
+    assert (REPO / ".ci" / "run").read_text().strip().endswith("make test")
+
+
+def test_readme_commands_exist_in_the_makefile():
+    targets = set(re.findall(r"^([a-z-]+):", (REPO / "Makefile").read_text(), re.MULTILINE))
+    for command in re.findall(r"`make ([a-z-]+)`", README):
+        assert command in targets, command
+
+
+def test_every_documented_subcommand_exists():
+    out = subprocess.run(
+        ["gata-ft", "--help"], capture_output=True, text=True, cwd=REPO, check=False
+    )
+    for command in re.findall(r"^gata-ft (\w+) ", README, re.MULTILINE):
+        assert f"  {command} " in out.stdout, command

@@ -1,0 +1,73 @@
+"""End-to-end runs of the packaged pretrained MiniLM (minutes on 2 CPU cores)."""
+
+import json
+import re
+
+import pytest
+from click.testing import CliRunner
+from conftest import BANKING77, REPO, write_hyperparameters, write_rows
+
+from gata_ft.artifact import verify_tarball
+from gata_ft.cli import cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_settings_train_minilm_on_the_example(tmp_path, sm_env):
+    from gata_ft.examples import write_example
+
+    data = write_example(tmp_path / "demo")
+    hyper = json.loads((REPO / "examples" / "demo-hyperparameters.json").read_text())
+    hyper["num_train_epochs"] = "2"
+    sm_env_train = {"SM_CHANNEL_TRAIN": data / "train", "SM_CHANNEL_TEST": data / "test"}
+    write_hyperparameters(sm_env, hyper)
+    result = CliRunner(env={k: str(v) for k, v in sm_env_train.items()}).invoke(cli, ["train"])
+    assert result.exit_code == 0, result.output
+    metadata = verify_tarball(sm_env["SM_MODEL_DIR"] / "model.tar.gz")
+    assert metadata["base_model"] == {
+        "name": "sentence-transformers/all-MiniLM-L6-v2",
+        "source": "package",
+    }
+    # 10 queues: chance is 0.10; 3% of the tickets are routed "wrongly" on purpose
+    assert metadata["metrics"]["test"]["accuracy"] > 0.85
+    assert re.search(r"^test accuracy 0\.\d{4}, macro F1 ", result.stdout, re.MULTILINE)
+
+
+@pytest.mark.skipif(not BANKING77.is_dir(), reason=f"BANKING77 not found at {BANKING77}")
+def test_minilm_on_a_banking77_subset(tmp_path, sm_env):
+    """20 of the 77 intents, 40 training rows each, every test row of those intents."""
+    keep = set(range(20))
+    per_label = {}
+    train = []
+    for line in (BANKING77 / "train" / "data.json").read_text().splitlines():
+        row = json.loads(line)
+        if row["label"] in keep and per_label.get(row["label"], 0) < 40:
+            per_label[row["label"]] = per_label.get(row["label"], 0) + 1
+            train.append(row)
+    test = [
+        row
+        for row in map(json.loads, (BANKING77 / "test" / "data.json").read_text().splitlines())
+        if row["label"] in keep
+    ]
+    write_rows(tmp_path / "b77" / "train", train)
+    write_rows(tmp_path / "b77" / "test", test)
+    write_hyperparameters(
+        sm_env,
+        {
+            "base_model": "sentence-transformers/all-MiniLM-L6-v2",
+            "num_train_epochs": "4",
+            "learning_rate": "0.0001",
+            "per_device_train_batch_size": "16",
+            "max_length": "64",
+        },
+    )
+    env = {
+        "SM_CHANNEL_TRAIN": str(tmp_path / "b77" / "train"),
+        "SM_CHANNEL_TEST": str(tmp_path / "b77" / "test"),
+    }
+    result = CliRunner(env=env).invoke(cli, ["train"])
+    assert result.exit_code == 0, result.output
+    metadata = verify_tarball(sm_env["SM_MODEL_DIR"] / "model.tar.gz")
+    assert len(metadata["labels"]) == 20
+    assert metadata["data"]["test"]["rows"] == len(test) == 800
+    assert metadata["metrics"]["test"]["accuracy"] > 0.8
