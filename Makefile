@@ -34,6 +34,7 @@ test-fast: install
 	$(BIN)/pytest -m "not slow"
 
 lint: install
+	$(BIN)/python -m compileall -q gata_ft bench tests
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 

@@ -75,13 +75,13 @@ def main() -> None:
     print(f"hyperparameters: {json.dumps(hyper)}")
     print(
         f"steps {training['global_step']}, epochs {training['epochs']:.0f}, "
-        f"job time {seconds / 60:.1f} min, "
+        f"job time {'(reused run)' if seconds != seconds else f'{seconds / 60:.1f} min'}, "
         f"best checkpoint at step {training['best_checkpoint_step']}"
     )
-    print(f"{'model':<34}{'accuracy':>10}")
-    print(f"{'MiniLM-L6 (gata-ft, this machine)':<34}{test['accuracy']:>10.4f}")
+    print(f"{'model':<42}{'accuracy':>10}")
+    print(f"{'MiniLM-L6 (gata-ft, this machine)':<42}{test['accuracy']:>10.4f}")
     for name, accuracy in PUBLISHED.items():
-        print(f"{name + ' (published)':<34}{accuracy:>10.4f}")
+        print(f"{name + ' (published)':<42}{accuracy:>10.4f}")
     print(f"macro F1 {test['f1_macro']:.4f}, weighted F1 {test['f1']:.4f}")
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from transformers import TrainerCallback  # after the offline switch
+from transformers import PrinterCallback, TrainerCallback  # after the offline switch
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "banking77"
@@ -102,6 +102,7 @@ def time_steps(model_path, tokenizer, split, label_map, batch_size, padded, step
     import torch
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer
+    from transformers.utils import logging as hf_logging
 
     from gata_ft.config import TrainConfig
     from gata_ft.sagemaker import job_paths
@@ -125,6 +126,7 @@ def time_steps(model_path, tokenizer, split, label_map, batch_size, padded, step
         else:
             dataset = _tokenize(split, label_map, tokenizer, config.max_length)
         torch.manual_seed(0)
+        hf_logging.set_verbosity_error()  # "newly initialized: classifier" is expected
         model = AutoModelForSequenceClassification.from_pretrained(
             model_path, num_labels=len(label_map)
         )
@@ -136,6 +138,7 @@ def time_steps(model_path, tokenizer, split, label_map, batch_size, padded, step
             data_collator=_Counting(DataCollatorWithPadding(tokenizer), clock),
             callbacks=[clock],
         )
+        trainer.remove_callback(PrinterCallback)
         trainer.train()
     return clock.seconds_per_step(), clock.tokens_per_batch()
 
