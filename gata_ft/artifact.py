@@ -2,23 +2,49 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
+import platform
 import tarfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
+from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import BinaryIO
 
 from gata_ft.errors import ArtifactError
 from gata_ft.resources import schema_path
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: checkpoint only (gata-ft 0.1 train); 2: adds onnx/ and golden.json
 METADATA = "metadata.json"
 METADATA_SCHEMA = "metadata.schema.json"
+LIBRARIES = (
+    "torch",
+    "transformers",
+    "tokenizers",
+    "accelerate",
+    "datasets",
+    "evaluate",
+    "scikit-learn",
+    "numpy",
+    "safetensors",
+    "onnx",
+    "onnxruntime",
+    "optimum",
+    "optimum-onnx",
+)
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        with contextlib.suppress(importlib_metadata.PackageNotFoundError):
+            versions[name] = importlib_metadata.version(name)
+    return versions
 
 
 def sha256_file(path: Path) -> str:
@@ -157,3 +183,29 @@ def verify_tarball(path: Path) -> dict:
     if missing:
         raise ArtifactError(f"{path}: files listed in {METADATA} are missing: {missing}")
     return metadata
+
+
+def safe_extract(path: Path, destination: Path) -> list[str]:
+    """Extract a tarball we did not write, refusing anything but plain files and folders.
+
+    Absolute names, `..`, links and devices are refused by name before a byte
+    is written; Python's `data` filter then applies the same rules again.
+    """
+    with open_tarball(path) as tar:
+        try:
+            members = tar.getmembers()
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise ArtifactError(f"{path}: the archive is truncated or corrupt: {e}") from e
+        for member in members:
+            name = member.name
+            parts = Path(name).parts
+            if name.startswith(("/", "\\")) or ".." in parts:
+                raise ArtifactError(f"{path}: refusing to extract {name!r}: it points outside")
+            if not (member.isfile() or member.isdir()):
+                kind = "a link" if member.issym() or member.islnk() else "a device or special file"
+                raise ArtifactError(f"{path}: refusing to extract {name!r}: it is {kind}")
+        try:
+            tar.extractall(destination, members=members, filter="data")
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise ArtifactError(f"{path}: the archive is truncated or corrupt: {e}") from e
+    return [m.name for m in members if m.isfile()]

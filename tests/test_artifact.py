@@ -1,5 +1,7 @@
+import io
 import json
 import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -9,7 +11,7 @@ from gata_ft.errors import ArtifactError
 
 def minimal_metadata():
     return {
-        "format_version": 1,
+        "format_version": 2,
         "gata_ft_version": "0.1.0",
         "created_at": "2026-11-25T00:00:00+00:00",
         "task": "text-classification",
@@ -49,6 +51,21 @@ def minimal_metadata():
                 "per_class": {},
             }
         },
+        "onnx": {
+            "opset": 18,
+            "recipe": "avx2",
+            "graphs": {"fp32": "onnx/model.onnx", "int8": "onnx/model_quantized.onnx"},
+            "quantization": {
+                "variant": "base",
+                "preset": "avx512",
+                "per_channel": True,
+                "reduce_range": True,
+                "excluded_nodes": [],
+            },
+            "golden": None,
+        },
+        "serve": {"graph": "onnx/model_quantized.onnx", "precision": "int8", "reason": "test"},
+        "parity": {"checked": False, "reason": "test"},
         "libraries": {"python": "3.11", "torch": "2", "transformers": "4", "tokenizers": "0"},
         "data": {
             "train": {"sha256": "0" * 64, "rows": 5, "normalized_rows": 0},
@@ -63,6 +80,10 @@ def content(tmp_path):
     folder.mkdir()
     (folder / "config.json").write_text("{}")
     (folder / "model.safetensors").write_bytes(b"weights")
+    (folder / "tokenizer.json").write_text("{}")
+    (folder / "onnx").mkdir()
+    (folder / "onnx" / "model.onnx").write_bytes(b"fp32")
+    (folder / "onnx" / "model_quantized.onnx").write_bytes(b"int8")
     return folder
 
 
@@ -72,10 +93,23 @@ def test_written_tarball_verifies_and_lists_every_file(tmp_path, content):
     )
     assert sorted(p.name for p in target.parent.iterdir()) == ["model.tar.gz"]
     metadata = artifact.verify_tarball(target)
-    assert sorted(metadata["files"]) == ["config.json", "model.safetensors"]
+    assert sorted(metadata["files"]) == [
+        "config.json",
+        "model.safetensors",
+        "onnx/model.onnx",
+        "onnx/model_quantized.onnx",
+        "tokenizer.json",
+    ]
     assert metadata["files"]["model.safetensors"]["size"] == 7
     with tarfile.open(target) as tar:
-        assert sorted(tar.getnames()) == ["config.json", "metadata.json", "model.safetensors"]
+        assert sorted(tar.getnames()) == [
+            "config.json",
+            "metadata.json",
+            "model.safetensors",
+            "onnx/model.onnx",
+            "onnx/model_quantized.onnx",
+            "tokenizer.json",
+        ]
         assert all(m.uid == 0 and m.mode == 0o644 for m in tar)
 
 
@@ -108,14 +142,14 @@ def test_tampered_file_is_detected(tmp_path, content):
     (content / "model.safetensors").write_bytes(b"WEIGHTS")
     tampered = tmp_path / "tampered.tar.gz"
     with tarfile.open(tampered, "w:gz") as tar:
-        for name in ("config.json", "model.safetensors", "metadata.json"):
+        for name in [*sorted(metadata["files"]), "metadata.json"]:
             tar.add(content / name, arcname=name)
     assert metadata["files"]["model.safetensors"]["sha256"] != artifact.sha256_file(
         content / "model.safetensors"
     )
     with pytest.raises(ArtifactError, match=r"model.safetensors does not match its sha256$"):
         artifact.verify_tarball(tampered)
-    assert artifact.verify_tarball(target)["format_version"] == 1
+    assert artifact.verify_tarball(target)["format_version"] == 2
 
 
 def test_not_a_tarball(tmp_path):
@@ -125,3 +159,71 @@ def test_not_a_tarball(tmp_path):
         ArtifactError, match=r"expected a gzip-compressed tar archive, cannot open it"
     ):
         artifact.verify_tarball(bad)
+
+
+def _crafted(tmp_path, member: tarfile.TarInfo, data: bytes = b"") -> Path:
+    path = tmp_path / "crafted.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        ok = tarfile.TarInfo("config.json")
+        ok.size = 2
+        tar.addfile(ok, io.BytesIO(b"{}"))
+        member.size = len(data) if member.isfile() else 0
+        tar.addfile(member, io.BytesIO(data) if member.isfile() else None)
+    return path
+
+
+def _member(name, kind=tarfile.REGTYPE, linkname=""):
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = linkname
+    return info
+
+
+@pytest.mark.parametrize(
+    ("member", "reason"),
+    [
+        (_member("../evil.sh"), "refusing to extract '../evil.sh': it points outside"),
+        (_member("a/../../evil.sh"), "refusing to extract 'a/../../evil.sh': it points outside"),
+        (_member("/etc/cron.d/evil"), "refusing to extract '/etc/cron.d/evil': it points outside"),
+        (
+            _member("model.safetensors", tarfile.SYMTYPE, "/etc/passwd"),
+            "refusing to extract 'model.safetensors': it is a link",
+        ),
+        (
+            _member("hard", tarfile.LNKTYPE, "config.json"),
+            "refusing to extract 'hard': it is a link",
+        ),
+        (
+            _member("dev", tarfile.CHRTYPE),
+            "refusing to extract 'dev': it is a device or special file",
+        ),
+        (
+            _member("fifo", tarfile.FIFOTYPE),
+            "refusing to extract 'fifo': it is a device or special file",
+        ),
+    ],
+)
+def test_safe_extract_refuses_crafted_members_and_writes_nothing(tmp_path, member, reason):
+    crafted = _crafted(tmp_path, member, b"#!/bin/sh\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ArtifactError) as info:
+        artifact.safe_extract(crafted, out)
+    assert str(info.value) == f"{crafted}: {reason}"
+    assert list(out.iterdir()) == []
+    assert not (tmp_path / "evil.sh").exists()
+
+
+def test_safe_extract_reports_a_truncated_archive(tmp_path, content):
+    target = artifact.write_artifact(content, minimal_metadata(), tmp_path / "model.tar.gz")
+    truncated = tmp_path / "truncated.tar.gz"
+    truncated.write_bytes(target.read_bytes()[:200])
+    with pytest.raises(ArtifactError, match=r"the archive is truncated or corrupt"):
+        artifact.safe_extract(truncated, tmp_path / "out")
+
+
+def test_safe_extract_extracts_a_good_archive(tmp_path, content):
+    target = artifact.write_artifact(content, minimal_metadata(), tmp_path / "model.tar.gz")
+    names = artifact.safe_extract(target, tmp_path / "out")
+    assert "onnx/model.onnx" in names
+    assert (tmp_path / "out" / "onnx" / "model_quantized.onnx").read_bytes() == b"int8"
