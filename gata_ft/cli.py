@@ -183,6 +183,47 @@ def example(folder: Path, train_per_queue: int, test_per_queue: int) -> None:
     )
 
 
+@cli.command("export")
+@click.argument("source", type=_PATH)
+@click.option("-o", "--output", type=_PATH, required=True, help="The new model.tar.gz.")
+@click.option(
+    "--test", "test_dir", type=_PATH, help="Test channel (data.json): run the parity gate."
+)
+@click.option(
+    "--recipe", default="avx2", show_default=True, help="Export recipe name or .json path."
+)
+@click.option("--strict-parity", is_flag=True, help="Fail when no int8 graph passes the gate.")
+@click.option("--max-length", type=int, help="Tokens per text. [default: from the input, else 512]")
+@click.option("--normalize-text", is_flag=True, help="Repair test texts instead of rejecting them.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+def export_command(
+    source, output, test_dir, recipe, strict_parity, max_length, normalize_text, force
+) -> None:
+    """Write a PyTorch + ONNX (fp32, int8) model.tar.gz from SOURCE.
+
+    SOURCE: a Hugging Face checkpoint folder, a gata-ft model.tar.gz, or a
+    tarball of the old gata-finetune job. It is only read. Without --test the
+    metadata records that parity was not checked.
+    """
+    with _failure_guard(None):
+        from gata_ft.job import go_offline
+
+        go_offline(False)
+        from gata_ft.upgrade import upgrade
+
+        upgrade(
+            source,
+            output,
+            recipe,
+            test_dir,
+            strict_parity,
+            max_length,
+            normalize_text,
+            force,
+            _emit,
+        )
+
+
 @contextmanager
 def _failure_guard(failure_file: Path | None) -> Iterator[None]:
     """Turn any failure into `Error: ...` on stderr, a failure file and exit code 1."""

@@ -78,6 +78,12 @@ class TrainConfig:
     normalize_text: bool = _opt(
         False, "Repair texts (lower-case, other characters to spaces) instead of rejecting them."
     )
+    export_recipe: str = _opt(
+        "avx2", "Export recipe: a name in export/ (avx2, avx512_vnni, arm64) or a .json path."
+    )
+    strict_parity: bool = _opt(
+        False, "Fail the job when no int8 graph passes the parity gate (else serve fp32)."
+    )
 
     def __post_init__(self) -> None:
         checks = [
@@ -102,11 +108,28 @@ class TrainConfig:
         for name, ok, expected in checks:
             if not ok:
                 raise ConfigError(f"{name}: expected {expected}, found {getattr(self, name)!r}")
+        if not _recipe_exists(self.export_recipe):
+            from gata_ft.resources import resource_dir
+
+            known = ", ".join(sorted(p.stem for p in resource_dir("export").glob("*.json")))
+            raise ConfigError(
+                f"export_recipe: expected one of {known} or a path to a recipe .json file, "
+                f"found {self.export_recipe!r}"
+            )
         if self.fp16 and self.bf16:
             raise ConfigError("fp16 and bf16 are both true: choose one mixed precision")
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
+
+
+def _recipe_exists(name: str) -> bool:
+    from pathlib import Path
+
+    from gata_ft.resources import resource_dir
+
+    path = Path(name)
+    return path.is_file() if path.suffix else (resource_dir("export") / f"{name}.json").is_file()
 
 
 _TYPES = typing.get_type_hints(TrainConfig)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
+import json
 import logging
 import os
-import platform
 import signal
 import sys
 import tempfile
@@ -14,7 +13,6 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 
 import numpy as np
@@ -33,27 +31,17 @@ from transformers import (
 )
 
 from gata_ft import __version__, checkpoints
-from gata_ft.artifact import FORMAT_VERSION, write_artifact
+from gata_ft.artifact import FORMAT_VERSION, library_versions, write_artifact
 from gata_ft.config import TrainConfig
 from gata_ft.data import LabelMap, Split, text_pattern
 from gata_ft.errors import ConfigError, GataError, JobInterrupted
+from gata_ft.export import EvalSet, Recipe, add_onnx
 from gata_ft.job import Prepared
 from gata_ft.metrics import Report, build_report, format_report, trainer_metrics, write_reports
 from gata_ft.modeling import BaseModel, resolve_base_model
 from gata_ft.sagemaker import JobPaths
 
 log = logging.getLogger("gata_ft")
-LIBRARIES = (
-    "torch",
-    "transformers",
-    "tokenizers",
-    "accelerate",
-    "datasets",
-    "evaluate",
-    "scikit-learn",
-    "numpy",
-    "safetensors",
-)
 
 
 @dataclass(frozen=True)
@@ -166,6 +154,19 @@ def run(
         content = Path(staging)
         trainer.model.save_pretrained(content, safe_serialization=True)
         tokenizer.save_pretrained(content)
+        evaluation = EvalSet(
+            prepared.test.texts, label_map.class_ids(prepared.test.labels), label_map.labels
+        )
+        recipe = Recipe.load(config.export_recipe)
+        blocks = add_onnx(
+            content, config.max_length, recipe, evaluation, config.strict_parity, emit
+        )
+        metadata.update(blocks)
+        parity_file = paths.output_data_dir / "parity.json"
+        parity_file.write_text(json.dumps(blocks["parity"], indent=2) + "\n", encoding="utf-8")
+        emit(
+            f"serving {blocks['serve']['graph']}: {blocks['serve']['reason']}; wrote {parity_file}"
+        )
         artifact = write_artifact(content, metadata, paths.artifact)
     emit(f"wrote {artifact} ({artifact.stat().st_size / 1e6:.1f} MB)")
     return TrainResult(artifact, report, metadata)
@@ -305,14 +306,6 @@ def build_metadata(
             for split in (prepared.train, prepared.test)
         },
     }
-
-
-def library_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in LIBRARIES:
-        with contextlib.suppress(importlib_metadata.PackageNotFoundError):
-            versions[name] = importlib_metadata.version(name)
-    return versions
 
 
 def format_log_dict(logs: dict) -> str:

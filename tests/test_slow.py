@@ -31,6 +31,11 @@ def test_demo_settings_train_minilm_on_the_example(tmp_path, sm_env):
     # 10 queues: chance is 0.10; 3% of the tickets are routed "wrongly" on purpose
     assert metadata["metrics"]["test"]["accuracy"] > 0.85
     assert re.search(r"^test accuracy 0\.\d{4}, macro F1 ", result.stdout, re.MULTILINE)
+    # both formats, and int8 close to fp32 on the 300 test tickets
+    assert metadata["serve"]["graph"] == "onnx/model_quantized.onnx"
+    int8 = metadata["parity"]["attempts"][-1]
+    assert int8["agreement"] >= 0.98
+    assert abs(int8["scores"]["accuracy"] - metadata["parity"]["pytorch_fp32"]["accuracy"]) <= 0.01
 
 
 @pytest.mark.skipif(not BANKING77.is_dir(), reason=f"BANKING77 not found at {BANKING77}")

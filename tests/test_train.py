@@ -69,6 +69,12 @@ def test_tarball_holds_the_checkpoint_and_verified_metadata(trained):
         "vocab.txt",
         "special_tokens_map.json",
         "metadata.json",
+        "golden.json",
+        "onnx/model.onnx",
+        "onnx/model_quantized.onnx",
+        "onnx/config.json",
+        "onnx/tokenizer.json",
+        "onnx/recipe.json",
     } <= names
     assert not any(n.endswith((".bin", ".pt", ".pth")) for n in names)  # no pickles
     labels = sorted(QUEUES)
@@ -80,7 +86,11 @@ def test_tarball_holds_the_checkpoint_and_verified_metadata(trained):
         assert [entry[f"{split}_count"] for entry in metadata["labels"]] == [
             counts[label] for label in labels
         ]
-    assert metadata["format_version"] == 1
+    assert metadata["format_version"] == 2
+    assert metadata["serve"]["graph"] in ("onnx/model_quantized.onnx", "onnx/model.onnx")
+    assert metadata["onnx"]["recipe"] == "avx2"
+    assert metadata["parity"]["checked"] is True
+    assert metadata["parity"]["texts"] == 40
     assert metadata["training"]["device"] == "cpu"
     assert metadata["training"]["precision"] == "fp32"
     assert metadata["training"]["global_step"] == 16  # 120 rows / 16 per batch = 8 steps x 2 epochs
@@ -127,6 +137,7 @@ def test_reports_are_written_and_printed(trained):
         "confusion_matrix.csv",
         "confusion_matrix.png",
         "metrics.json",
+        "parity.json",
     ]
     saved = json.loads((out / "metrics.json").read_text())
     assert set(saved["per_class"]) == {str(label) for label in QUEUES}
