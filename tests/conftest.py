@@ -122,3 +122,55 @@ def tiny_hyperparameters(tiny_model_dir):
         "logging_steps": "2",
         "max_length": "64",
     }
+
+
+FIXED = [
+    "i was charged twice for my pro subscription",
+    "my order 12345 has not arrived yet",
+    "please delete my account and all my personal data",
+    "the api returns error 500 for every request",
+    "hello i cannot log in to my account. thanks",
+]
+
+
+@pytest.fixture(scope="session")
+def trained_artifact(tmp_path_factory, tiny_model_dir):
+    """The training job's tarball for the tiny model, made once for this module."""
+    from click.testing import CliRunner
+
+    from gata_ft.artifact import safe_extract
+    from gata_ft.cli import cli
+    from gata_ft.examples import write_example
+
+    root = tmp_path_factory.mktemp("export")
+    data = write_example(root / "data", train_per_queue=40, test_per_queue=4)
+    (root / "config").mkdir()
+    (root / "config" / "hyperparameters.json").write_text(
+        json.dumps(
+            {
+                "base_model": str(tiny_model_dir),
+                "num_train_epochs": "8",
+                "learning_rate": "0.005",
+                "max_length": "64",
+            }
+        )
+    )
+    env = {
+        "SM_CHANNEL_TRAIN": str(data / "train"),
+        "SM_CHANNEL_TEST": str(data / "test"),
+        "SM_MODEL_DIR": str(root / "model"),
+        "SM_OUTPUT_DATA_DIR": str(root / "output" / "data"),
+        "SM_OUTPUT_DIR": str(root / "output"),
+        "SM_INPUT_CONFIG_DIR": str(root / "config"),
+        "GATA_CHECKPOINT_DIR": str(root / "checkpoints"),
+    }
+    result = CliRunner(env=env).invoke(cli, ["train"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    extracted = root / "extracted"
+    safe_extract(root / "model" / "model.tar.gz", extracted)
+    return {
+        "tarball": root / "model" / "model.tar.gz",
+        "dir": extracted,
+        "data": data,
+        "log": result.stdout,
+    }

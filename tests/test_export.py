@@ -6,60 +6,13 @@ import tarfile
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import write_hyperparameters
+from conftest import FIXED, write_hyperparameters
 
 from gata_ft.artifact import safe_extract, verify_tarball
 from gata_ft.cli import cli
 from gata_ft.errors import ConfigError
 from gata_ft.export import Recipe, Scores, Thresholds, gate_failures, torch_logits
 from gata_ft.runtime import OnnxClassifier, softmax
-
-FIXED = [
-    "i was charged twice for my pro subscription",
-    "my order 12345 has not arrived yet",
-    "please delete my account and all my personal data",
-    "the api returns error 500 for every request",
-    "hello i cannot log in to my account. thanks",
-]
-
-
-@pytest.fixture(scope="module")
-def trained_artifact(tmp_path_factory, tiny_model_dir):
-    """The training job's tarball for the tiny model, made once for this module."""
-    from gata_ft.examples import write_example
-
-    root = tmp_path_factory.mktemp("export")
-    data = write_example(root / "data", train_per_queue=40, test_per_queue=4)
-    (root / "config").mkdir()
-    (root / "config" / "hyperparameters.json").write_text(
-        json.dumps(
-            {
-                "base_model": str(tiny_model_dir),
-                "num_train_epochs": "8",
-                "learning_rate": "0.005",
-                "max_length": "64",
-            }
-        )
-    )
-    env = {
-        "SM_CHANNEL_TRAIN": str(data / "train"),
-        "SM_CHANNEL_TEST": str(data / "test"),
-        "SM_MODEL_DIR": str(root / "model"),
-        "SM_OUTPUT_DATA_DIR": str(root / "output" / "data"),
-        "SM_OUTPUT_DIR": str(root / "output"),
-        "SM_INPUT_CONFIG_DIR": str(root / "config"),
-        "GATA_CHECKPOINT_DIR": str(root / "checkpoints"),
-    }
-    result = CliRunner(env=env).invoke(cli, ["train"], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    extracted = root / "extracted"
-    safe_extract(root / "model" / "model.tar.gz", extracted)
-    return {
-        "tarball": root / "model" / "model.tar.gz",
-        "dir": extracted,
-        "data": data,
-        "log": result.stdout,
-    }
 
 
 def run_export(*args):
@@ -108,6 +61,12 @@ def test_gate_on_a_hand_computed_case():
         "recall of label 7 10.00 points below fp32 (limit 5.0)",
     ]
     assert gate_failures(reference, reference, Thresholds(), labels=(7, 8, 9)) == []
+    exactly_at_limit = truth.copy()
+    exactly_at_limit[:1] = 1  # 1 of 20 is 5.0 points: at the limit, not over it
+    at_limit = Scores.of(exactly_at_limit, truth, 3)
+    assert not any(
+        "recall" in f for f in gate_failures(reference, at_limit, Thresholds(), (7, 8, 9))
+    )
 
 
 def test_training_job_tarball_holds_both_formats(trained_artifact):
@@ -141,7 +100,8 @@ def test_golden_samples_reproduce_with_the_shipped_tokenizer(trained_artifact):
     assert 0 < len(golden["texts"]) <= 32
     for graph, expected in golden["probabilities"].items():
         model = OnnxClassifier(folder / graph, folder / "tokenizer.json", 64)
-        got = softmax(model.logits(golden["texts"]))
+        assert golden["batch_size"] == 1
+        got = softmax(np.concatenate([model.logits([text]) for text in golden["texts"]]))
         np.testing.assert_allclose(got, expected, atol=golden["tolerance"])
 
 
@@ -186,7 +146,9 @@ def test_failing_gate_tries_every_fallback_then_serves_fp32(tmp_path, trained_ar
     ]
     assert all(not a["passed"] and a["failures"][0].startswith("accuracy ") for a in attempts)
     # the fallbacks really change the graph: nodes were kept in fp32
-    assert len(attempts[2]["excluded_nodes"]) == 6
+    base = attempts[0]["excluded_nodes"]
+    assert len(attempts[2]["excluded_nodes"]) == len(base) + 6
+    assert len(set(attempts[2]["excluded_nodes"])) == len(base) + 6
     assert metadata["parity"]["passed"] is False
     # scores come from real predictions on the 40 test tickets
     assert metadata["parity"]["pytorch_fp32"]["accuracy"] == pytest.approx(
