@@ -185,11 +185,12 @@ def verify_tarball(path: Path) -> dict:
     return metadata
 
 
-def safe_extract(path: Path, destination: Path) -> list[str]:
+def safe_extract(path: Path, destination: Path, only: set[str] | None = None) -> list[str]:
     """Extract a tarball we did not write, refusing anything but plain files and folders.
 
     Absolute names, `..`, links and devices are refused by name before a byte
     is written; Python's `data` filter then applies the same rules again.
+    With `only`, just those member names are extracted.
     """
     with open_tarball(path) as tar:
         try:
@@ -204,6 +205,8 @@ def safe_extract(path: Path, destination: Path) -> list[str]:
             if not (member.isfile() or member.isdir()):
                 kind = "a link" if member.issym() or member.islnk() else "a device or special file"
                 raise ArtifactError(f"{path}: refusing to extract {name!r}: it is {kind}")
+        if only is not None:
+            members = [m for m in members if m.name in only]
         try:
             tar.extractall(destination, members=members, filter="data")
         except (tarfile.TarError, EOFError, OSError) as e:

@@ -224,6 +224,75 @@ def export_command(
         )
 
 
+_GRAPH = click.Choice(["serve", "int8", "fp32"])
+
+
+@cli.command()
+@click.argument("model", type=_PATH)
+@click.option("-t", "--text", "texts", multiple=True, help="A ticket text (repeatable).")
+@click.option("-i", "--input", "input_file", type=_PATH, help='JSON Lines of {"text": ...}.')
+@click.option("-k", "--top-k", default=0, show_default=True, help="Also list the k best labels.")
+@click.option("--graph", type=_GRAPH, default="serve", show_default=True,
+              help="serve: the graph metadata.json names.")  # fmt: skip
+@click.option("--threads", default=0, show_default=True, help="onnxruntime threads (0: all cores).")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--verify-golden", is_flag=True, help="Replay golden.json first; fail on a mismatch.")
+def predict(model, texts, input_file, top_k, graph, threads, batch_size, verify_golden) -> None:
+    """Classify tickets with MODEL (model.tar.gz or its folder): one JSON line per text."""
+    with _failure_guard(None):
+        from gata_ft.runtime import Model
+
+        texts = list(texts)
+        if input_file is not None:
+            texts += _read_texts(input_file)
+        if not texts:
+            raise click.UsageError("give --text or --input")
+        loaded = Model.load(model, graph=graph, threads=threads, verify_golden=verify_golden)
+        for text, prediction in zip(texts, loaded.predict(texts, top_k, batch_size), strict=True):
+            click.echo(json.dumps({"text": text, **prediction.to_dict()}))
+
+
+def _read_texts(path: Path) -> list[str]:
+    texts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise GataError(f"{path}:{number}: malformed JSON: {e.msg} at column {e.colno}") from e
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise GataError(f'{path}:{number}: expected an object with a "text" string')
+        texts.append(row["text"])
+    return texts
+
+
+@cli.command()
+@click.argument("model", type=_PATH, required=False)
+@click.option("--host", default="0.0.0.0", show_default=True)  # noqa: S104 - a container
+@click.option("--port", default=8080, show_default=True, type=int)
+@click.option("--graph", type=_GRAPH, default="serve", show_default=True)
+@click.option("--threads", default=0, show_default=True, help="onnxruntime threads (0: all cores).")
+def serve(model, host, port, graph, threads) -> None:
+    """Serve MODEL over HTTP: GET /ping, POST /invocations (SageMaker's inference contract).
+
+    MODEL defaults to $SM_MODEL_DIR (/opt/ml/model), where SageMaker extracts model.tar.gz.
+    The golden samples are replayed before the server accepts requests.
+    """
+    with _failure_guard(None):
+        import os
+
+        from gata_ft.runtime import Model
+        from gata_ft.server import serve as run_server
+
+        model = model or Path(os.environ.get("SM_MODEL_DIR", "/opt/ml/model"))
+        loaded = Model.load(model, graph=graph, threads=threads)
+        if (loaded.folder / "golden.json").is_file():
+            checked = loaded.verify_golden()
+            click.echo(f"golden samples reproduced: {checked}", err=True)
+        run_server(loaded, host, port)
+
+
 @contextmanager
 def _failure_guard(failure_file: Path | None) -> Iterator[None]:
     """Turn any failure into `Error: ...` on stderr, a failure file and exit code 1."""

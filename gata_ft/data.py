@@ -5,13 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from gata_ft import text
 from gata_ft.errors import DataError
 from gata_ft.resources import schema_path
 
@@ -120,16 +120,13 @@ def text_pattern() -> re.Pattern[str]:
     return re.compile(_validator().schema["properties"]["text"]["pattern"])
 
 
-@cache
 def _allowed(char: str) -> bool:
-    return text_pattern().fullmatch(char) is not None
+    return text.allowed(char, text_pattern().pattern)
 
 
-def normalize_text(text: str) -> str:
+def normalize_text(value: str) -> str:
     """Lower-case, strip accents, turn disallowed characters into spaces, collapse white space."""
-    decomposed = unicodedata.normalize("NFKD", text)
-    plain = "".join(c for c in decomposed if not unicodedata.combining(c)).lower()
-    return " ".join("".join(c if _allowed(c) else " " for c in plain).split())
+    return text.normalize(value, text_pattern().pattern)
 
 
 def read_split(directory: Path | str, name: str, *, normalize: bool = False) -> Split:

@@ -2,14 +2,153 @@
 
 This module must not import torch, transformers or optimum: the router loads
 it on a small serverless endpoint. A test checks that in a fresh interpreter.
+
+    model = Model.load("model.tar.gz")          # or the extracted folder
+    model.predict(["my card was declined"], top_k=3)
 """
 
 from __future__ import annotations
 
+import json
+import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from gata_ft import text as text_rules
+from gata_ft.errors import ArtifactError, GataError
+
+SUPPORTED_FORMAT = 2
+GRAPHS = {"int8": "onnx/model_quantized.onnx", "fp32": "onnx/model.onnx"}
+CHARS_PER_TOKEN_LIMIT = 32  # texts are cut at max_length x this before tokenizing
+
+
+class InputError(GataError):
+    """A text given to predict() cannot be classified."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: int  # the original queue id (Zendesk group id)
+    probability: float
+    top_k: tuple[tuple[int, float], ...] = ()
+
+    def to_dict(self) -> dict:
+        # Labels as strings: JSON readers in other languages lose digits above 2**53.
+        result = {"label": str(self.label), "probability": round(self.probability, 6)}
+        if self.top_k:
+            result["top_k"] = [
+                {"label": str(label), "probability": round(p, 6)} for label, p in self.top_k
+            ]
+        return result
+
+
+class Model:
+    """A gata-ft artifact ready to classify tickets on a CPU."""
+
+    def __init__(self, folder: Path, graph: str = "serve", threads: int = 0, normalize=True):
+        self.folder = Path(folder)
+        metadata_file = self.folder / "metadata.json"
+        if not metadata_file.is_file():
+            raise ArtifactError(f"{self.folder}: no metadata.json: not a gata-ft model")
+        self.metadata = json.loads(metadata_file.read_text(encoding="utf-8"))
+        version = self.metadata.get("format_version")
+        if version != SUPPORTED_FORMAT:
+            raise ArtifactError(
+                f"{self.folder}: expected artifact format_version {SUPPORTED_FORMAT}, found "
+                f"{version!r}; upgrade it with `gata-ft export MODEL -o NEW.tar.gz`"
+            )
+        if graph == "serve":
+            self.graph = self.metadata["serve"]["graph"]
+        elif graph in GRAPHS:
+            self.graph = GRAPHS[graph]
+        else:
+            raise ArtifactError(f"graph: expected serve, int8 or fp32, found {graph!r}")
+        self.labels = tuple(entry["label"] for entry in self.metadata["labels"])
+        self.max_length = int(self.metadata["max_length"])
+        self.pattern = self.metadata["text"]["pattern"]
+        self.normalize = normalize
+        self.classifier = OnnxClassifier(
+            self.folder / self.graph, self.folder / "tokenizer.json", self.max_length, threads
+        )
+
+    @classmethod
+    def load(cls, path: Path | str, graph="serve", threads=0, verify_golden=False, normalize=True):
+        """Load a model.tar.gz (extracting only what inference needs) or an extracted folder."""
+        path = Path(path)
+        if path.is_file():
+            scratch = tempfile.TemporaryDirectory(prefix="gata-ft-model-")
+            from gata_ft.artifact import safe_extract
+
+            needed = {"metadata.json", "tokenizer.json", "golden.json", *GRAPHS.values()}
+            safe_extract(path, Path(scratch.name), only=needed)
+            model = cls(Path(scratch.name), graph, threads, normalize)
+            model._scratch = scratch  # removed with the model
+        elif path.is_dir():
+            model = cls(path, graph, threads, normalize)
+        else:
+            raise ArtifactError(f"{path}: no such model (a model.tar.gz or its extracted folder)")
+        if verify_golden:
+            model.verify_golden()
+        return model
+
+    def verify_golden(self) -> int:
+        """Replay golden.json; raise ArtifactError on a mismatch. Returns the texts checked."""
+        golden_file = self.folder / "golden.json"
+        if not golden_file.is_file():
+            raise ArtifactError(
+                f"{self.folder}: no golden.json to verify (exported without test data)"
+            )
+        golden = json.loads(golden_file.read_text(encoding="utf-8"))
+        expected = np.asarray(golden["probabilities"][self.graph])
+        for i, text in enumerate(golden["texts"]):
+            got = softmax(self.classifier.logits([text]))[0]
+            difference = float(np.abs(got - expected[i]).max())
+            if difference > golden["tolerance"]:
+                raise ArtifactError(
+                    f"golden sample {i} ({text!r}) gives probabilities up to {difference:.4f} "
+                    f"away from the export's (tolerance {golden['tolerance']}): this tokenizer "
+                    f"or onnxruntime does not reproduce {self.graph}"
+                )
+        return len(golden["texts"])
+
+    def predict(
+        self, texts: Sequence[str], top_k: int = 0, batch_size: int = 32
+    ) -> list[Prediction]:
+        """The queue of each text: its original label id and probability (and the top k)."""
+        if isinstance(texts, str) or not isinstance(texts, Sequence):
+            raise InputError(f"texts: expected a list of strings, found {type(texts).__name__}")
+        if top_k < 0 or batch_size < 1:
+            raise InputError("top_k must be 0 or more and batch_size 1 or more")
+        prepared = [self._prepare(i, t) for i, t in enumerate(texts)]
+        if not prepared:
+            return []
+        probabilities = softmax(self.classifier.logits(prepared, batch_size))
+        k = min(top_k, len(self.labels))
+        results = []
+        for row in probabilities:
+            best = int(row.argmax())
+            ranked = np.argsort(row)[::-1][:k] if k else []
+            results.append(
+                Prediction(
+                    self.labels[best],
+                    float(row[best]),
+                    tuple((self.labels[int(j)], float(row[j])) for j in ranked),
+                )
+            )
+        return results
+
+    def _prepare(self, index: int, value: object) -> str:
+        if not isinstance(value, str):
+            raise InputError(f"texts[{index}]: expected a string, found {type(value).__name__}")
+        value = value[: self.max_length * CHARS_PER_TOKEN_LIMIT]
+        if self.normalize:
+            value = text_rules.normalize(value, self.pattern)
+        if not value.strip():
+            raise InputError(f"texts[{index}]: expected some words, found an empty text")
+        return value
 
 
 class OnnxClassifier:

@@ -76,3 +76,45 @@ def test_minilm_on_a_banking77_subset(tmp_path, sm_env):
     assert len(metadata["labels"]) == 20
     assert metadata["data"]["test"]["rows"] == len(test) == 800
     assert metadata["metrics"]["test"]["accuracy"] > 0.8
+
+
+def test_runtime_installs_and_runs_without_the_training_stack(tmp_path, trained_artifact):
+    """`pip install gata-ft` (no extras) into a fresh venv: predict works, torch is absent."""
+    import subprocess
+    import sys
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    install = subprocess.run(
+        [python, "-m", "pip", "install", "--quiet", str(REPO)], capture_output=True, text=True
+    )
+    assert install.returncode == 0, install.stderr[-2000:]
+    code = (
+        "import importlib.util, json, sys;"
+        "from gata_ft.runtime import Model;"
+        f"m = Model.load({str(trained_artifact['tarball'])!r}, verify_golden=True);"
+        "print(m.predict(['my order has not arrived'])[0].label);"
+        "print(json.dumps([importlib.util.find_spec(n) is None "
+        "for n in ('torch', 'transformers', 'optimum', 'jsonschema')]))"
+    )
+    run = subprocess.run([python, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    label, absent = run.stdout.splitlines()
+    assert int(label) in {
+        entry["label"] for entry in verify_tarball(trained_artifact["tarball"])["labels"]
+    }
+    assert json.loads(absent) == [True, True, True, True]
+    cli_run = subprocess.run(
+        [
+            venv / "bin" / "gata-ft",
+            "predict",
+            str(trained_artifact["tarball"]),
+            "-t",
+            "refund please",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert cli_run.returncode == 0, cli_run.stderr
+    assert json.loads(cli_run.stdout)["label"].isdigit()

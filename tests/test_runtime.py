@@ -1,0 +1,281 @@
+"""The router's runtime (onnxruntime + tokenizers, no torch) and its HTTP server."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import FIXED
+
+from gata_ft.artifact import safe_extract
+from gata_ft.cli import cli
+from gata_ft.errors import ArtifactError
+from gata_ft.export import onnx_logits
+from gata_ft.runtime import InputError, Model, softmax
+
+
+@pytest.fixture(scope="module")
+def model(trained_artifact):
+    return Model.load(trained_artifact["tarball"])
+
+
+def test_predictions_equal_the_export_stage_onnx_predictions(trained_artifact, model):
+    folder = trained_artifact["dir"]
+    graph = folder / model.graph
+    expected = softmax(
+        np.concatenate([onnx_logits(graph, folder / "tokenizer.json", [t], 64) for t in FIXED])
+    )
+    got = [model.predict([text])[0] for text in FIXED]
+    labels = [e["label"] for e in model.metadata["labels"]]
+    assert [p.label for p in got] == [labels[i] for i in expected.argmax(-1)]
+    np.testing.assert_allclose([p.probability for p in got], expected.max(-1), atol=1e-6)
+    assert model.graph == model.metadata["serve"]["graph"]
+
+
+def test_predict_returns_queue_ids_and_top_k(model):
+    predictions = model.predict(FIXED, top_k=3)
+    assert len(predictions) == len(FIXED)
+    for p in predictions:
+        assert p.label in model.labels
+        assert len(p.top_k) == 3
+        assert p.top_k[0] == (p.label, p.probability)
+        assert p.top_k[0][1] >= p.top_k[1][1] >= p.top_k[2][1]
+    data = predictions[0].to_dict()
+    assert set(data) == {"label", "probability", "top_k"}
+    assert data["label"] == str(predictions[0].label)
+
+
+def test_the_caller_can_pick_the_graph(trained_artifact):
+    assert Model.load(trained_artifact["dir"], graph="fp32").graph == "onnx/model.onnx"
+    assert Model.load(trained_artifact["dir"], graph="int8").graph == "onnx/model_quantized.onnx"
+
+
+def test_text_is_normalised_as_in_training(model):
+    raw = model.predict(["I can't LOG IN to my account!!"])[0]
+    clean = model.predict(["i can t log in to my account!!"])[0]
+    assert raw == clean
+
+
+@pytest.mark.parametrize(
+    ("texts", "message"),
+    [
+        ("a single string", "texts: expected a list of strings, found str"),
+        (["ok", 5], "texts[1]: expected a string, found int"),
+        (["ok", "   "], "texts[1]: expected some words, found an empty text"),
+        (["€€€"], "texts[0]: expected some words, found an empty text"),
+        ([None], "texts[0]: expected a string, found NoneType"),
+    ],
+)
+def test_bad_input_is_a_clear_error(model, texts, message):
+    with pytest.raises(InputError) as info:
+        model.predict(texts)
+    assert str(info.value) == message
+
+
+def test_empty_list_and_huge_text_have_defined_results(model):
+    assert model.predict([]) == []
+    huge = "my card was declined " * 200_000  # 4 MB
+    started = time.perf_counter()
+    assert model.predict([huge])[0] == model.predict([huge[: 64 * 32]])[0]
+    assert time.perf_counter() - started < 5
+
+
+def test_golden_samples_pass_and_a_mismatch_is_detected(tmp_path, trained_artifact):
+    folder = tmp_path / "model"
+    safe_extract(trained_artifact["tarball"], folder)
+    assert Model.load(folder).verify_golden() > 0
+    golden = json.loads((folder / "golden.json").read_text())
+    golden["texts"][0] = golden["texts"][1]  # a drifted tokenizer sees other tokens
+    (folder / "golden.json").write_text(json.dumps(golden))
+    with pytest.raises(ArtifactError, match=r"^golden sample 0 \("):
+        Model.load(folder, verify_golden=True)
+
+
+def test_wrong_format_version_is_refused(tmp_path, trained_artifact):
+    folder = tmp_path / "model"
+    safe_extract(trained_artifact["tarball"], folder)
+    metadata = json.loads((folder / "metadata.json").read_text())
+    metadata["format_version"] = 1
+    (folder / "metadata.json").write_text(json.dumps(metadata))
+    with pytest.raises(ArtifactError) as info:
+        Model.load(folder)
+    assert str(info.value) == (
+        f"{folder}: expected artifact format_version 2, found 1; "
+        "upgrade it with `gata-ft export MODEL -o NEW.tar.gz`"
+    )
+
+
+def test_runtime_imports_no_torch_transformers_or_optimum(trained_artifact):
+    code = (
+        "import sys; from gata_ft.runtime import Model;"
+        f"m = Model.load({str(trained_artifact['tarball'])!r}, verify_golden=True);"
+        "print(m.predict(['my order has not arrived'])[0].label);"
+        "heavy = sorted(n for n in ('torch', 'transformers', 'optimum', 'datasets', 'sklearn')"
+        " if n in sys.modules);"
+        "print(heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[1] == "[]"
+
+
+def test_base_install_leaves_out_the_training_stack():
+    import tomllib
+
+    from conftest import REPO
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    names = {d.split("==")[0].split("[")[0] for d in project["dependencies"]}
+    assert names == {"click", "numpy", "onnxruntime", "tokenizers"}
+
+
+def test_predict_command_prints_json_lines(tmp_path, trained_artifact):
+    inputs = tmp_path / "tickets.jsonl"
+    inputs.write_text('{"text": "my order has not arrived"}\n\n{"text": "refund please"}\n')
+    result = CliRunner().invoke(
+        cli,
+        [
+            "predict",
+            str(trained_artifact["tarball"]),
+            "--text",
+            "cannot log in",
+            "--input",
+            str(inputs),
+            "-k",
+            "2",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["text"] for r in rows] == [
+        "cannot log in",
+        "my order has not arrived",
+        "refund please",
+    ]
+    assert all(len(r["top_k"]) == 2 and r["label"].isdigit() for r in rows)
+
+
+def test_predict_command_errors(tmp_path, trained_artifact):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"txt": "no"}\n')
+    result = CliRunner().invoke(cli, ["predict", str(trained_artifact["tarball"]), "-i", str(bad)])
+    assert result.exit_code == 1
+    assert result.stderr == f'Error: {bad}:2: expected an object with a "text" string\n'
+    result = CliRunner().invoke(cli, ["predict", str(tmp_path / "nope.tar.gz"), "-t", "x"])
+    assert result.exit_code == 1
+    assert "no such model" in result.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(trained_artifact, tmp_path_factory):
+    """`gata-ft serve` in its own process on loopback, as in the container."""
+    folder = tmp_path_factory.mktemp("served")
+    safe_extract(trained_artifact["tarball"], folder)
+    port = _free_port()
+    env = {**os.environ, "SM_MODEL_DIR": str(folder)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gata_ft", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if urllib.request.urlopen(url + "/ping", timeout=1).status == 200:
+                break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        process.kill()
+        pytest.fail("server did not start: " + process.stdout.read())
+    yield url
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def post(url: str, body: bytes, content_type="application/json"):
+    request = urllib.request.Request(url + "/invocations", data=body, method="POST")
+    request.add_header("Content-Type", content_type)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_server_round_trip(server, model):
+    assert urllib.request.urlopen(server + "/ping", timeout=5).status == 200
+    status, body = post(server, json.dumps({"text": FIXED[0]}).encode())
+    assert status == 200
+    expected = model.predict([FIXED[0]])[0]
+    assert body == {
+        "prediction": {"label": str(expected.label), "probability": round(expected.probability, 6)}
+    }
+    status, body = post(server, json.dumps({"texts": FIXED[:3], "top_k": 2}).encode())
+    assert status == 200
+    assert len(body["predictions"]) == 3
+    assert len(body["predictions"][0]["top_k"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"{not json", "expected a JSON object with a 'text' field, found invalid JSON: "),
+        (b"[1, 2]", "expected a JSON object with a 'text' field, found list"),
+        (b'{"txt": "hello"}', "expected a 'text' field (or 'texts'), found fields: 'txt'"),
+        (b'{"text": 42}', "text: expected a string, found int"),
+        (b'{"text": "   "}', "text: expected some words, found an empty text"),
+        (b'{"texts": []}', "'texts': expected a list of 1 to 256 strings"),
+        (b'{"text": "hi", "top_k": -1}', "top_k: expected a non-negative integer, found -1"),
+    ],
+)
+def test_server_rejects_bad_payloads_with_400(server, body, message):
+    status, answer = post(server, body)
+    assert status == 400
+    assert answer["error"].startswith(message)
+
+
+def test_server_under_bounded_concurrent_load(server):
+    """20 clients x 50 requests on loopback: every answer is a 200 with a prediction."""
+
+    def client(i):
+        results = []
+        for j in range(50):
+            status, body = post(server, json.dumps({"text": FIXED[(i + j) % len(FIXED)]}).encode())
+            results.append(status == 200 and "label" in body["prediction"])
+        return results
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        outcomes = [ok for result in pool.map(client, range(20)) for ok in result]
+    assert len(outcomes) == 1000
+    assert all(outcomes)
+
+
+def test_serve_refuses_a_missing_model(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "gata_ft", "serve", str(tmp_path / "none"), "--port", "1"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "no such model" in result.stderr
+    assert Path(tmp_path).exists()
