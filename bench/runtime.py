@@ -1,0 +1,169 @@
+"""The router's runtime (ONNX int8, no torch) against the Transformers pipeline in PyTorch,
+the way the endpoint serves today: cold start, latency through the library and over HTTP,
+throughput at batch 32 and peak RSS, each engine in fresh processes, side by side.
+
+Uses the BANKING77 model exported by `make bench-export`. Run: make bench-runtime
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+WORK = REPO / "build" / "bench" / "banking77"
+DATA = REPO.parent / "shared" / "data" / "banking77"
+ENGINES = ("gata-ft runtime (ONNX int8)", "Transformers pipeline (PyTorch fp32)")
+
+# One process per measurement; it reports when its first prediction is done.
+CHILD = r"""
+import json, resource, sys, time
+engine, folder, texts_file, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+texts = json.load(open(texts_file))
+if engine == "onnx":
+    from gata_ft.runtime import Model
+    model = Model.load(folder, threads=threads)
+    predict = lambda batch: model.predict(batch)
+else:
+    import torch
+    torch.set_num_threads(threads)
+    from transformers import pipeline
+    pipe = pipeline("text-classification", model=folder, device="cpu")
+    predict = lambda batch: pipe(batch, batch_size=len(batch))
+predict([texts[0]])
+print("ready", flush=True)
+single = []
+for text in texts[:300]:
+    t = time.perf_counter(); predict([text]); single.append(time.perf_counter() - t)
+batches = [texts[i:i + 32] for i in range(0, 32 * 40, 32)]
+t = time.perf_counter()
+for batch in batches:
+    predict(batch)
+throughput = 32 * len(batches) / (time.perf_counter() - t)
+print(json.dumps({"single": single, "throughput": throughput,
+                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+PIPELINE_SERVER = r"""
+import sys, torch, uvicorn
+from fastapi import FastAPI, Request
+from transformers import pipeline
+torch.set_num_threads(int(sys.argv[3]))
+pipe = pipeline("text-classification", model=sys.argv[1], device="cpu")
+app = FastAPI()
+@app.get("/ping")
+def ping(): return {}
+@app.post("/invocations")
+async def invocations(request: Request):
+    out = pipe((await request.json())["text"])[0]
+    return {"prediction": {"label": out["label"], "probability": out["score"]}}
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=WORK / "export-avx2.tar.gz")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--runs", type=int, default=3, help="cold starts per engine")
+    args = parser.parse_args()
+    if not args.model.is_file():
+        sys.exit(f"{args.model} not found: run `make bench-export` first")
+    from gata_ft.artifact import safe_extract
+
+    texts = [json.loads(line)["text"] for line in (DATA / "test" / "data.json").open()]
+    results = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch) / "model"  # as SageMaker extracts model.tar.gz
+        safe_extract(args.model, folder)
+        texts_file = Path(scratch) / "texts.json"
+        texts_file.write_text(json.dumps(texts[:1500]))
+        for engine, key in zip(ENGINES, ("onnx", "pipeline"), strict=True):
+            cold, runs = [], []
+            for _ in range(args.runs):
+                command = [sys.executable, "-c", CHILD, key, str(folder), str(texts_file),
+                           str(args.threads)]  # fmt: skip
+                started = time.perf_counter()
+                child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True,
+                                         stderr=subprocess.DEVNULL)  # fmt: skip
+                assert child.stdout.readline().strip() == "ready"
+                cold.append(time.perf_counter() - started)
+                runs.append(json.loads(child.stdout.readline()))
+                child.wait()
+            single = np.array(runs[-1]["single"]) * 1000
+            http = http_latencies(key, folder, texts[:300], args.threads)
+            results[engine] = {
+                "cold_start_s": float(np.median(cold)),
+                "b1_p50_ms": float(np.percentile(single, 50)),
+                "b1_p95_ms": float(np.percentile(single, 95)),
+                "http_p50_ms": http[0],
+                "http_p95_ms": http[1],
+                "b32_texts_per_s": runs[-1]["throughput"],
+                "peak_rss_mb": max(r["rss_mb"] for r in runs),
+            }
+            print(f"measured {engine}", file=sys.stderr, flush=True)
+
+    onnx, torch_ = results[ENGINES[0]], results[ENGINES[1]]
+    print(
+        f"BANKING77 MiniLM, {args.threads} threads, model folder extracted from {args.model.name}"
+    )
+    print(f"{'(latencies in ms)':<40}{'cold start':>11}{'lib p50':>9}{'lib p95':>9}"
+          f"{'http p50':>10}{'http p95':>10}{'b32 /s':>8}{'peak RSS':>10}")  # fmt: skip
+    for engine, r in results.items():
+        print(f"{engine:<40}{r['cold_start_s']:>10.2f}s{r['b1_p50_ms']:>9.2f}{r['b1_p95_ms']:>9.2f}"
+              f"{r['http_p50_ms']:>10.2f}{r['http_p95_ms']:>10.2f}{r['b32_texts_per_s']:>8.0f}"
+              f"{r['peak_rss_mb']:>8.0f}MB")  # fmt: skip
+    cold = torch_["cold_start_s"] / onnx["cold_start_s"]
+    print(f"ratios (pipeline / runtime): cold start {cold:.1f}x, "
+          f"library p50 {torch_['b1_p50_ms'] / onnx['b1_p50_ms']:.1f}x, "
+          f"HTTP p50 {torch_['http_p50_ms'] / onnx['http_p50_ms']:.1f}x, "
+          f"b32 throughput {onnx['b32_texts_per_s'] / torch_['b32_texts_per_s']:.1f}x, "
+          f"peak RSS {torch_['peak_rss_mb'] / onnx['peak_rss_mb']:.1f}x")  # fmt: skip
+    print(json.dumps(results))
+
+
+def http_latencies(engine: str, folder: Path, texts: list[str], threads: int):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    if engine == "onnx":
+        command = [sys.executable, "-m", "gata_ft", "serve", str(folder), "--host", "127.0.0.1",
+                   "--port", str(port), "--threads", str(threads)]  # fmt: skip
+    else:
+        command = [sys.executable, "-c", PIPELINE_SERVER, str(folder), str(port), str(threads)]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(url + "/ping", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        times = []
+        for i, text in enumerate(texts):
+            body = json.dumps({"text": text}).encode()
+            headers = {"Content-Type": "application/json"}
+            request = urllib.request.Request(url + "/invocations", body, headers)
+            started = time.perf_counter()
+            urllib.request.urlopen(request, timeout=30).read()
+            if i >= 10:  # warm-up
+                times.append((time.perf_counter() - started) * 1000)
+        return float(np.percentile(times, 50)), float(np.percentile(times, 95))
+    finally:
+        server.terminate()
+        server.wait()
+
+
+if __name__ == "__main__":
+    main()
