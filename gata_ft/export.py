@@ -562,13 +562,13 @@ def _parity_table(rows, reference: Scores, limits: Thresholds, evaluation: EvalS
         f"{limits.max_macro_f1_drop} points below PyTorch fp32, no label's recall more than "
         f"{limits.max_class_recall_drop} points below, labels with {limits.min_class_support}+ "
         "test tickets)",
-        f"{'model':<44}{'accuracy':>9}{'macro F1':>9}{'worst recall drop':>19}{'agreement':>10}",
+        f"{'model':<44}{'accuracy':>9}{'macro F1':>9}{'worst recall drop':>26}{'agreement':>10}",
     ]
     for name, scores, agreement, verdict in rows:
         drop, label = worst_recall_drop(reference, scores, limits, evaluation.labels)
         worst = f"{drop:.1f} ({label})" if label is not None and scores is not reference else "-"
         agree = f"{agreement:.4f}" if agreement is not None else "-"
-        line = f"{name:<44}{scores.accuracy:>9.4f}{scores.macro_f1:>9.4f}{worst:>19}{agree:>10}"
+        line = f"{name:<44}{scores.accuracy:>9.4f}{scores.macro_f1:>9.4f}{worst:>26}{agree:>10}"
         lines.append(line + (f"  {verdict}" if verdict != "-" else ""))
     return "\n".join(lines)
 
