@@ -224,6 +224,28 @@ def export_command(
         )
 
 
+@cli.command()
+@click.argument("model", type=_PATH)
+def inspect(model: Path) -> None:
+    """Verify a model.tar.gz (format, schema, every file's sha256) and print its summary as JSON."""
+    with _failure_guard(None):
+        from gata_ft.artifact import validate_metadata, verify_tarball
+
+        metadata = verify_tarball(model)
+        validate_metadata(metadata)
+        test = (metadata.get("metrics") or {}).get("test") or {}
+        summary = {
+            "format_version": metadata["format_version"],
+            "labels": [entry["label"] for entry in metadata["labels"]],
+            "files": sorted(metadata["files"]),
+            "serve": metadata["serve"],
+            "parity_checked": metadata["parity"]["checked"],
+            "parity_passed": metadata["parity"].get("passed"),
+            "test_accuracy": test.get("accuracy"),
+        }
+        click.echo(json.dumps(summary, indent=2))
+
+
 _GRAPH = click.Choice(["serve", "int8", "fp32"])
 
 

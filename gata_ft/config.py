@@ -6,6 +6,7 @@ import contextlib
 import difflib
 import json
 import math
+import os
 import typing
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -197,11 +198,14 @@ def build_config(
     hyperparameters: Mapping[str, object],
     flags: Mapping[str, object],
     hyperparameters_source: str = "hyperparameters.json",
+    env: Mapping[str, str] | None = None,
 ) -> tuple[TrainConfig, list[str], list[str]]:
-    """Merge defaults < hyperparameters < CLI flags.
+    """Merge defaults < GATA_BASE_MODEL (an image's baked model) < hyperparameters < CLI flags.
 
     Returns the config, the names the user set, and warnings about unknown keys.
     """
+    env = os.environ if env is None else env
+    defaults = {"base_model": env["GATA_BASE_MODEL"]} if env.get("GATA_BASE_MODEL") else {}
     values: dict[str, object] = {}
     warnings = []
     for key, raw in hyperparameters.items():
@@ -216,4 +220,4 @@ def build_config(
     for key, raw in flags.items():
         if raw is not None:
             values[key] = parse_value(key, raw, "command line")
-    return TrainConfig(**values), sorted(values), warnings
+    return TrainConfig(**{**defaults, **values}), sorted(values), warnings

@@ -14,9 +14,25 @@ def run(*args, env=None):
 def test_help_lists_the_commands():
     result = run("--help")
     assert result.exit_code == 0
-    for command in ("train", "validate", "example"):
+    for command in ("train", "validate", "example", "export", "predict", "serve", "inspect"):
         assert f"  {command} " in result.output
     assert "worker" not in result.output  # internal: torchrun's entry point
+
+
+def test_inspect_verifies_and_summarises(trained_artifact, tmp_path):
+    result = run("inspect", str(trained_artifact["tarball"]))
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["format_version"] == 2
+    assert {"model.safetensors", "onnx/model.onnx", "onnx/model_quantized.onnx"} <= set(
+        summary["files"]
+    )
+    assert summary["serve"]["graph"] == "onnx/model_quantized.onnx"
+    broken = tmp_path / "broken.tar.gz"
+    broken.write_bytes(trained_artifact["tarball"].read_bytes()[:1000])
+    result = CliRunner().invoke(cli, ["inspect", str(broken)])
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"Error: {broken}")
 
 
 def test_train_help_has_a_flag_per_option():

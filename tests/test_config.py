@@ -118,6 +118,15 @@ def test_flags_override_hyperparameters_and_defaults_stay_unset():
     assert user_set == ["learning_rate", "seed"]
 
 
+def test_an_image_can_set_the_default_base_model_and_users_still_win():
+    env = {"GATA_BASE_MODEL": "/opt/gata/base-model"}
+    config, user_set, _ = build_config({}, {}, env=env)
+    assert config.base_model == "/opt/gata/base-model"
+    assert user_set == []
+    config, user_set, _ = build_config({"base_model": "bert-large-uncased"}, {}, env=env)
+    assert config.base_model == "bert-large-uncased"
+
+
 def test_defaults():
     config = TrainConfig()
     assert config.base_model == "bert-base-uncased"
