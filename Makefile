@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= build/demo
 
-.PHONY: demo test test-fast lint format install clean bench-epoch bench-banking77 bench-export bench-runtime
+.PHONY: demo test test-fast lint lint-container format install clean bench-epoch bench-banking77 bench-export bench-runtime container-smoke
 
 install: $(VENV)/.installed
 
@@ -43,6 +43,16 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The Dockerfile (hadolint) and the workflows (check-jsonschema with GitHub's workflow
+# schema, zizmor's audits), the release template included; all from PyPI.
+lint-container: install
+	$(BIN)/hadolint Dockerfile
+	mkdir -p build/workflows
+	cp .github/workflows/ci.yaml build/workflows/ci.yaml
+	cp .github/workflows/release.yaml.txt build/workflows/release.yaml
+	$(BIN)/check-jsonschema --builtin-schema vendor.github-workflows build/workflows/*.yaml
+	$(BIN)/zizmor --offline --config .github/zizmor.yml build/workflows/*.yaml
+
 format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
@@ -61,3 +71,7 @@ bench-export: install
 
 bench-runtime: install
 	$(BIN)/python bench/runtime.py
+
+# Build the image and run the README's container commands (docker, else podman).
+container-smoke:
+	container/smoke.sh
