@@ -79,6 +79,17 @@ class TrainConfig:
     normalize_text: bool = _opt(
         False, "Repair texts (lower-case, other characters to spaces) instead of rejecting them."
     )
+    calibration_split: float = _opt(
+        0.1,
+        "Share of each label's training rows held out to fit the temperature and the "
+        "routing threshold (0: no calibration).",
+    )
+    target_accuracy: float = _opt(
+        0.95, "Accuracy the routed tickets must reach at the recommended threshold."
+    )
+    class_weighting: bool = _opt(
+        False, "Weight the loss by inverse label frequency (for imbalanced queues)."
+    )
     export_recipe: str = _opt(
         "avx2", "Export recipe: a name in export/ (avx2, avx512_vnni, arm64) or a .json path."
     )
@@ -105,6 +116,8 @@ class TrainConfig:
             ("eval_steps", self.eval_steps >= 0, "0 or more"),
             ("logging_steps", self.logging_steps >= 1, "at least 1"),
             ("save_total_limit", self.save_total_limit >= 1, "at least 1"),
+            ("calibration_split", 0 <= self.calibration_split <= 0.5, "a number from 0 to 0.5"),
+            ("target_accuracy", 0 < self.target_accuracy <= 1, "a number above 0, at most 1"),
         ]
         for name, ok, expected in checks:
             if not ok:

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from gata_ft import checkpoints
+from gata_ft.calibration import split_for_calibration
 from gata_ft.config import TrainConfig
 from gata_ft.data import LabelMap, Split, balance_table, read_split
 from gata_ft.errors import GataError, WorkerFailed
@@ -31,6 +32,7 @@ class Prepared:
     test: Split
     label_map: LabelMap
     fingerprint: str
+    calibration: Split | None = None
 
 
 def prepare(config: TrainConfig, paths: JobPaths, num_processes: int) -> Prepared:
@@ -39,6 +41,9 @@ def prepare(config: TrainConfig, paths: JobPaths, num_processes: int) -> Prepare
     test = read_split(paths.test, "test", normalize=config.normalize_text)
     label_map = LabelMap.from_split(train)
     label_map.check_covers(test)
+    kept, held = split_for_calibration(train.labels, config.calibration_split, config.seed)
+    calibration = _subset(train, held, "calibration") if held else None
+    train = _subset(train, kept, "train")
     fingerprint = checkpoints.fingerprint(
         {
             "train": train.sha256,
@@ -48,19 +53,32 @@ def prepare(config: TrainConfig, paths: JobPaths, num_processes: int) -> Prepare
             "num_processes": num_processes,
         }
     )
-    return Prepared(train, test, label_map, fingerprint)
+    return Prepared(train, test, label_map, fingerprint, calibration)
+
+
+def _subset(split: Split, rows: list[int], name: str) -> Split:
+    return Split(
+        name,
+        split.path,
+        [split.texts[i] for i in rows],
+        [split.labels[i] for i in rows],
+        [split.lines[i] for i in rows],
+        split.sha256,
+        split.normalized_rows,
+    )
 
 
 def describe(prepared: Prepared) -> str:
     """The data summary the job prints: sizes, repairs and the class balance of each split."""
     lines = []
-    for split in (prepared.train, prepared.test):
+    splits = [s for s in (prepared.train, prepared.calibration, prepared.test) if s]
+    for split in splits:
         line = f"{split.name}: {len(split)} rows from {split.path}"
         if split.normalized_rows:
             line += f" ({split.normalized_rows} texts normalised)"
         lines.append(line)
     lines.append(f"{len(prepared.label_map)} labels; rows per label and split:")
-    lines.append(balance_table(prepared.label_map, [prepared.train, prepared.test]))
+    lines.append(balance_table(prepared.label_map, splits))
     return "\n".join(lines)
 
 
@@ -74,6 +92,15 @@ def data_warnings(prepared: Prepared) -> list[str]:
         warnings.append(
             f"labels with fewer than {MIN_ROWS_PER_CLASS} training rows, too few to learn: "
             + ", ".join(small)
+        )
+    test_counts = prepared.test.counts()
+    thin = [
+        str(label) for label in prepared.label_map.labels if test_counts[label] < MIN_ROWS_PER_CLASS
+    ]
+    if thin:
+        warnings.append(
+            f"labels with fewer than {MIN_ROWS_PER_CLASS} test rows, too few to evaluate: "
+            + ", ".join(thin)
         )
     overlap = len(set(prepared.train.texts) & set(prepared.test.texts))
     if overlap:

@@ -32,12 +32,15 @@ class InputError(GataError):
 @dataclass(frozen=True)
 class Prediction:
     label: int  # the original queue id (Zendesk group id)
-    probability: float
+    probability: float  # calibrated when the artifact was (metadata calibration)
     top_k: tuple[tuple[int, float], ...] = ()
+    route: bool | None = None  # probability >= the artifact's threshold; None: no threshold
 
     def to_dict(self) -> dict:
         # Labels as strings: JSON readers in other languages lose digits above 2**53.
         result = {"label": str(self.label), "probability": round(self.probability, 6)}
+        if self.route is not None:
+            result["route"] = self.route
         if self.top_k:
             result["top_k"] = [
                 {"label": str(label), "probability": round(p, 6)} for label, p in self.top_k
@@ -69,6 +72,10 @@ class Model:
         self.labels = tuple(entry["label"] for entry in self.metadata["labels"])
         self.max_length = int(self.metadata["max_length"])
         self.pattern = self.metadata["text"]["pattern"]
+        calibration = self.metadata.get("calibration") or {}
+        self.threshold = calibration.get("threshold")
+        # fitted without a threshold: no probability reached the target, route nothing
+        self.routes = bool(calibration.get("fitted"))
         self.normalize = normalize
         self.classifier = OnnxClassifier(
             self.folder / self.graph, self.folder / "tokenizer.json", self.max_length, threads
@@ -136,9 +143,15 @@ class Model:
                     self.labels[best],
                     float(row[best]),
                     tuple((self.labels[int(j)], float(row[j])) for j in ranked),
+                    self._route(float(row[best])),
                 )
             )
         return results
+
+    def _route(self, probability: float) -> bool | None:
+        if not self.routes:
+            return None
+        return self.threshold is not None and probability >= self.threshold
 
     def _prepare(self, index: int, value: object) -> str:
         if not isinstance(value, str):

@@ -92,7 +92,12 @@ def run(
     args = _training_args(config, paths, cuda, precision)
     marker = _CheckpointMarker(prepared.fingerprint)
     stop = _GracefulStop()
-    trainer = Trainer(
+    trainer_class, extra = Trainer, {}
+    if config.class_weighting:
+        trainer_class = _WeightedTrainer
+        extra = {"class_weights": class_weights(prepared.train, label_map)}
+    trainer = trainer_class(
+        **extra,
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -125,6 +130,10 @@ def run(
     # label_ids, not test_ds["labels"]: with group_by_length the Trainer evaluates in
     # length-sorted order, and returns predictions and labels in that order.
     prediction = trainer.predict(test_ds, metric_key_prefix="eval")
+    calibration_prediction = None
+    if prepared.calibration is not None:
+        calibration_ds = _tokenize(prepared.calibration, label_map, tokenizer, config.max_length)
+        calibration_prediction = trainer.predict(calibration_ds, metric_key_prefix="calibration")
     if not main:
         return None
     report = build_report(
@@ -137,6 +146,10 @@ def run(
     emit(summary_line(report, prepared))
     written = write_reports(report, paths.output_data_dir)
     emit(f"wrote {', '.join(str(p) for p in written)}")
+    calibrated = calibrate(
+        config, prediction, calibration_prediction, label_map, paths.output_data_dir, emit
+    )
+    _fold_temperature(trainer.model, calibrated["temperature"], len(label_map))
 
     training = {
         "device": "cuda" if cuda else "cpu",
@@ -150,6 +163,7 @@ def run(
         "runtime_seconds": round(time.monotonic() - started, 1),
     }
     metadata = build_metadata(config, user_set, base, prepared, report, training)
+    metadata["calibration"] = calibrated
     with tempfile.TemporaryDirectory(prefix="gata-ft-artifact-") as staging:
         content = Path(staging)
         trainer.model.save_pretrained(content, safe_serialization=True)
@@ -170,6 +184,106 @@ def run(
         artifact = write_artifact(content, metadata, paths.artifact)
     emit(f"wrote {artifact} ({artifact.stat().st_size / 1e6:.1f} MB)")
     return TrainResult(artifact, report, metadata)
+
+
+def class_weights(split: Split, label_map: LabelMap) -> torch.Tensor:
+    """Inverse label frequency, mean 1: a queue with 100x fewer tickets weighs 100x more."""
+    counts = split.counts()
+    n, k = len(split), len(label_map)
+    weights = [n / (k * counts[label]) for label in label_map.labels]
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+class _WeightedTrainer(Trainer):
+    """Class-weighted cross-entropy in training; evaluation losses stay unweighted."""
+
+    def __init__(self, *args, class_weights: torch.Tensor, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.class_weights = class_weights
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        loss = torch.nn.functional.cross_entropy(
+            outputs.logits,
+            labels,
+            weight=self.class_weights.to(outputs.logits.device),
+            label_smoothing=self.args.label_smoothing_factor,
+        )
+        return (loss, outputs) if return_outputs else loss
+
+
+def calibrate(config, test_prediction, calibration_prediction, label_map, out_dir, emit) -> dict:
+    """Temperature and routing threshold from the calibration split, reported on the test set."""
+    from gata_ft import calibration as cal
+
+    test_logits, test_labels = test_prediction.predictions, test_prediction.label_ids
+    if calibration_prediction is None:
+        emit("calibration: off (calibration_split=0): raw softmax scores, no routing threshold")
+        return {"fitted": False, "temperature": 1.0, "threshold": None}
+    cal_logits, cal_labels = calibration_prediction.predictions, calibration_prediction.label_ids
+    temperature = cal.fit_temperature(cal_logits, cal_labels)
+    before, after = cal.softmax(test_logits), cal.softmax(test_logits, temperature)
+    cal_after = cal.softmax(cal_logits, temperature)
+    threshold = cal.recommend_threshold(cal_after, cal_labels, config.target_accuracy)
+    on_cal = cal.routing_report(cal_after, cal_labels, threshold, label_map.labels)
+    on_test = cal.routing_report(after, test_labels, threshold, label_map.labels)
+    result = {
+        "fitted": True,
+        "temperature": temperature,
+        "applied": "folded into the classifier's weights: every graph outputs calibrated logits",
+        "calibration_rows": len(cal_labels),
+        "ece_bins": cal.ECE_BINS,
+        "test": {
+            "ece_before": cal.ece(before, test_labels),
+            "ece_after": cal.ece(after, test_labels),
+            "nll_before": cal.nll(before, test_labels),
+            "nll_after": cal.nll(after, test_labels),
+        },
+        "target_accuracy": config.target_accuracy,
+        "threshold": threshold,
+        "routing_calibration_split": {k: v for k, v in on_cal.items() if k != "per_class"},
+        "routing_test": on_test,
+    }
+    t = result["test"]
+    emit(
+        f"calibration: temperature {temperature:.4f} fitted on {len(cal_labels)} held-out rows; "
+        f"test ECE {t['ece_before']:.4f} -> {t['ece_after']:.4f}, "
+        f"NLL {t['nll_before']:.4f} -> {t['nll_after']:.4f}"
+    )
+    if threshold is None:
+        emit(f"routing: no threshold reaches {config.target_accuracy} accuracy on the calibration "
+             "split; nothing would be routed automatically")  # fmt: skip
+    else:
+        accuracy = on_test["accuracy"]
+        emit(
+            f"routing: threshold {threshold:.4f} for accuracy {config.target_accuracy}; on the "
+            f"test set it routes {100 * on_test['coverage']:.1f}% of tickets automatically at "
+            f"{'-' if accuracy is None else f'{100 * accuracy:.2f}%'} accuracy"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "calibration.json").write_text(json.dumps(result, indent=2) + "\n")
+    cal.plot_reliability(before, after, test_labels, out_dir / "reliability_diagram.png")
+    curves = {
+        "calibration split": cal.coverage_curve(cal_after, cal_labels),
+        "test": cal.coverage_curve(after, test_labels),
+    }
+    cal.plot_coverage(curves, threshold, config.target_accuracy, out_dir / "coverage_accuracy.png")
+    return result
+
+
+def _fold_temperature(model, temperature: float, num_labels: int) -> None:
+    """Divide the output layer by the temperature: logits / T without any code that knows it."""
+    if temperature == 1.0:
+        return
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    last = next(m for m in reversed(head) if m.out_features == num_labels)
+    with torch.no_grad():
+        last.weight.div_(temperature)
+        if last.bias is not None:
+            last.bias.div_(temperature)
 
 
 def summary_line(report: Report, prepared: Prepared) -> str:
@@ -274,7 +388,11 @@ def build_metadata(
     report: Report,
     training: dict,
 ) -> dict:
+    # counts of the training channel as written, calibration rows included
     train_counts, test_counts = prepared.train.counts(), prepared.test.counts()
+    if prepared.calibration is not None:
+        train_counts += prepared.calibration.counts()
+    held = len(prepared.calibration) if prepared.calibration is not None else 0
     return {
         "format_version": FORMAT_VERSION,
         "gata_ft_version": __version__,
@@ -300,7 +418,7 @@ def build_metadata(
             split.name: {
                 "file": split.path.name,
                 "sha256": split.sha256,
-                "rows": len(split),
+                "rows": len(split) + (held if split is prepared.train else 0),
                 "normalized_rows": split.normalized_rows,
             }
             for split in (prepared.train, prepared.test)

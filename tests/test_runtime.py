@@ -50,7 +50,8 @@ def test_predict_returns_queue_ids_and_top_k(model):
         assert p.top_k[0] == (p.label, p.probability)
         assert p.top_k[0][1] >= p.top_k[1][1] >= p.top_k[2][1]
     data = predictions[0].to_dict()
-    assert set(data) == {"label", "probability", "top_k"}
+    assert set(data) == {"label", "probability", "top_k", "route"}
+    assert data["route"] == (predictions[0].probability >= model.threshold)
     assert data["label"] == str(predictions[0].label)
 
 
@@ -226,9 +227,8 @@ def test_server_round_trip(server, model):
     status, body = post(server, json.dumps({"text": FIXED[0]}).encode())
     assert status == 200
     expected = model.predict([FIXED[0]])[0]
-    assert body == {
-        "prediction": {"label": str(expected.label), "probability": round(expected.probability, 6)}
-    }
+    assert body == {"prediction": expected.to_dict()}
+    assert set(body["prediction"]) == {"label", "probability", "route"}
     status, body = post(server, json.dumps({"texts": FIXED[:3], "top_k": 2}).encode())
     assert status == 200
     assert len(body["predictions"]) == 3

@@ -102,6 +102,7 @@ def test_tarball_holds_the_checkpoint_and_verified_metadata(trained):
             "learning_rate",
             "logging_steps",
             "max_length",
+            "calibration_split",
         ]
     )
     assert metadata["hyperparameters"]["values"]["learning_rate"] == 0.001
