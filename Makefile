@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= build/demo
 
-.PHONY: demo test test-fast lint lint-container format install clean bench-epoch bench-banking77 bench-export bench-runtime container-smoke
+.PHONY: demo test test-fast lint lint-container format install clean bench-epoch bench-banking77 bench-export bench-runtime bench-calibration container-smoke
 
 install: $(VENV)/.installed
 
@@ -75,3 +75,6 @@ bench-runtime: install
 # Build the image and run the README's container commands (docker, else podman).
 container-smoke:
 	container/smoke.sh
+
+bench-calibration: install
+	$(BIN)/python bench/calibration.py
