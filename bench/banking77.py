@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from gata_ft.sagemaker import local_env
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "banking77"
 HYPERPARAMETERS = REPO / "bench" / "banking77-hyperparameters.json"
@@ -35,16 +37,7 @@ def train(data: Path, work: Path) -> float:
     config = work / "config"
     config.mkdir(parents=True, exist_ok=True)
     (config / "hyperparameters.json").write_text(HYPERPARAMETERS.read_text())
-    env = {
-        **os.environ,
-        "SM_CHANNEL_TRAIN": str(data / "train"),
-        "SM_CHANNEL_TEST": str(data / "test"),
-        "SM_MODEL_DIR": str(work / "model"),
-        "SM_OUTPUT_DATA_DIR": str(work / "output" / "data"),
-        "SM_OUTPUT_DIR": str(work / "output"),
-        "SM_INPUT_CONFIG_DIR": str(config),
-        "GATA_CHECKPOINT_DIR": str(work / "checkpoints"),
-    }
+    env = {**os.environ, **local_env(work, data / "train", data / "test")}
     (work / "model").mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     with (work / "train.log").open("w") as log:

@@ -20,6 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from gata_ft.sagemaker import local_env
+
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data" / "banking77"
 WORK = REPO / "build" / "bench" / "calibration"
@@ -54,16 +56,7 @@ def run_job(name: str, train: Path, hyperparameters: dict) -> dict:
         (work / "config").mkdir(parents=True, exist_ok=True)
         (work / "model").mkdir(parents=True, exist_ok=True)
         (work / "config" / "hyperparameters.json").write_text(json.dumps(hyperparameters))
-        env = {
-            **os.environ,
-            "SM_CHANNEL_TRAIN": str(train),
-            "SM_CHANNEL_TEST": str(DATA / "test"),
-            "SM_MODEL_DIR": str(work / "model"),
-            "SM_OUTPUT_DATA_DIR": str(work / "output" / "data"),
-            "SM_OUTPUT_DIR": str(work / "output"),
-            "SM_INPUT_CONFIG_DIR": str(work / "config"),
-            "GATA_CHECKPOINT_DIR": str(work / "checkpoints"),
-        }
+        env = {**os.environ, **local_env(work, train, DATA / "test")}
         with (work / "train.log").open("w") as log:
             code = subprocess.call([sys.executable, "-m", "gata_ft", "train"], env=env, stdout=log)
         if code:

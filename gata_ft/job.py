@@ -84,24 +84,14 @@ def describe(prepared: Prepared) -> str:
 
 def data_warnings(prepared: Prepared) -> list[str]:
     warnings = []
-    counts = prepared.train.counts()
-    small = [
-        str(label) for label in prepared.label_map.labels if counts[label] < MIN_ROWS_PER_CLASS
-    ]
-    if small:
-        warnings.append(
-            f"labels with fewer than {MIN_ROWS_PER_CLASS} training rows, too few to learn: "
-            + ", ".join(small)
-        )
-    test_counts = prepared.test.counts()
-    thin = [
-        str(label) for label in prepared.label_map.labels if test_counts[label] < MIN_ROWS_PER_CLASS
-    ]
-    if thin:
-        warnings.append(
-            f"labels with fewer than {MIN_ROWS_PER_CLASS} test rows, too few to evaluate: "
-            + ", ".join(thin)
-        )
+    for split, purpose in ((prepared.train, "training rows, too few to learn"),
+                           (prepared.test, "test rows, too few to evaluate")):  # fmt: skip
+        counts = split.counts()
+        few = [str(x) for x in prepared.label_map.labels if counts[x] < MIN_ROWS_PER_CLASS]
+        if few:
+            warnings.append(
+                f"labels with fewer than {MIN_ROWS_PER_CLASS} {purpose}: " + ", ".join(few)
+            )
     overlap = len(set(prepared.train.texts) & set(prepared.test.texts))
     if overlap:
         warnings.append(

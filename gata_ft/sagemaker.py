@@ -87,3 +87,16 @@ def num_gpus(env: Mapping[str, str] | None = None) -> int | None:
     if not raw.strip().isdigit():
         raise ConfigError(f"SM_NUM_GPUS: expected a non-negative integer, found {raw!r}")
     return int(raw)
+
+
+def local_env(root: Path, train: Path, test: Path) -> dict[str, str]:
+    """SM_* variables for a job run outside SageMaker, every output folder under `root`."""
+    return {
+        "SM_CHANNEL_TRAIN": str(train),
+        "SM_CHANNEL_TEST": str(test),
+        "SM_MODEL_DIR": str(root / "model"),
+        "SM_OUTPUT_DATA_DIR": str(root / "output" / "data"),
+        "SM_OUTPUT_DIR": str(root / "output"),
+        "SM_INPUT_CONFIG_DIR": str(root / "config"),
+        "GATA_CHECKPOINT_DIR": str(root / "checkpoints"),
+    }

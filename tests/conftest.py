@@ -142,6 +142,7 @@ def trained_artifact(tmp_path_factory, tiny_model_dir):
     from gata_ft.artifact import safe_extract
     from gata_ft.cli import cli
     from gata_ft.examples import write_example
+    from gata_ft.sagemaker import local_env
 
     root = tmp_path_factory.mktemp("export")
     data = write_example(root / "data", train_per_queue=40, test_per_queue=4)
@@ -156,15 +157,7 @@ def trained_artifact(tmp_path_factory, tiny_model_dir):
             }
         )
     )
-    env = {
-        "SM_CHANNEL_TRAIN": str(data / "train"),
-        "SM_CHANNEL_TEST": str(data / "test"),
-        "SM_MODEL_DIR": str(root / "model"),
-        "SM_OUTPUT_DATA_DIR": str(root / "output" / "data"),
-        "SM_OUTPUT_DIR": str(root / "output"),
-        "SM_INPUT_CONFIG_DIR": str(root / "config"),
-        "GATA_CHECKPOINT_DIR": str(root / "checkpoints"),
-    }
+    env = local_env(root, data / "train", data / "test")
     result = CliRunner(env=env).invoke(cli, ["train"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     extracted = root / "extracted"
