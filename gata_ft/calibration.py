@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 ECE_BINS = 15
+THRESHOLD_CONFIDENCE = 0.9  # the threshold's accuracy holds with this confidence
 MIN_ROWS_TO_HOLD_OUT = 5  # a class with fewer training rows gives none to calibration
 
 
@@ -104,10 +105,33 @@ def coverage_curve(probabilities: np.ndarray, labels: Sequence[int]) -> Curve:
     return Curve(confidence[last], routed[last] / len(confidence), accuracy[last])
 
 
-def recommend_threshold(probabilities: np.ndarray, labels: Sequence[int], target: float):
-    """The lowest threshold whose routed tickets reach `target` accuracy; None if none does."""
+def accuracy_lower_bound(curve: Curve, total: int, confidence: float) -> np.ndarray:
+    """One-sided Clopper-Pearson lower bound of the routed accuracy at each threshold."""
+    from scipy.stats import beta
+
+    routed = np.round(curve.coverage * total).astype(int)
+    correct = np.round(curve.accuracy * routed).astype(int)
+    with np.errstate(invalid="ignore"):
+        bound = beta.ppf(1 - confidence, correct, routed - correct + 1)
+    return np.nan_to_num(bound, nan=0.0)
+
+
+def recommend_threshold(
+    probabilities: np.ndarray,
+    labels: Sequence[int],
+    target: float,
+    confidence: float = THRESHOLD_CONFIDENCE,
+):
+    """The lowest threshold whose routed accuracy is at least `target` with `confidence`.
+
+    The point estimate on the calibration split overfits it: on BANKING77 the
+    threshold it picked gave 96.98% on the test set for a 97% target. Requiring
+    the one-sided 90% Clopper-Pearson lower bound to reach the target instead
+    gave 97.47%. None when no threshold qualifies.
+    """
     curve = coverage_curve(probabilities, labels)
-    meets = np.flatnonzero(curve.accuracy >= target)
+    bound = accuracy_lower_bound(curve, len(labels), confidence)
+    meets = np.flatnonzero(bound >= target)
     if meets.size == 0:
         return None
     return float(curve.thresholds[meets.max()])  # thresholds fall as coverage grows
