@@ -51,8 +51,22 @@ def test_predict_returns_queue_ids_and_top_k(model):
         assert p.top_k[0][1] >= p.top_k[1][1] >= p.top_k[2][1]
     data = predictions[0].to_dict()
     assert set(data) == {"label", "probability", "top_k", "route"}
-    assert data["route"] == (predictions[0].probability >= model.threshold)
     assert data["label"] == str(predictions[0].label)
+
+
+def test_route_follows_the_threshold_and_says_none_without_calibration(trained_artifact):
+    model = Model.load(trained_artifact["dir"])
+    probabilities = sorted(p.probability for p in model.predict(FIXED))
+    assert probabilities[0] < probabilities[-1]
+    model.routes, model.threshold = True, (probabilities[0] + probabilities[-1]) / 2
+    routed = [p.route for p in model.predict(FIXED)]
+    assert routed == [p.probability >= model.threshold for p in model.predict(FIXED)]
+    assert True in routed and False in routed
+    model.threshold = None  # calibrated, but no threshold met the target: route nothing
+    assert {p.route for p in model.predict(FIXED)} == {False}
+    model.routes = False  # no calibration in the artifact: no opinion
+    assert {p.route for p in model.predict(FIXED)} == {None}
+    assert "route" not in model.predict(FIXED)[0].to_dict()
 
 
 def test_the_caller_can_pick_the_graph(trained_artifact):
