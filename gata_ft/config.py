@@ -88,7 +88,7 @@ class TrainConfig:
         0.95, "Accuracy the routed tickets must reach at the recommended threshold."
     )
     class_weighting: bool = _opt(
-        False, "Weight the loss by inverse label frequency (for imbalanced queues)."
+        True, "Weight the loss by inverse label frequency, so that small queues are learnt."
     )
     export_recipe: str = _opt(
         "avx2", "Export recipe: a name in export/ (avx2, avx512_vnni, arm64) or a .json path."

@@ -200,6 +200,9 @@ class _WeightedTrainer(Trainer):
     def __init__(self, *args, class_weights: torch.Tensor, **kwargs):
         super().__init__(*args, **kwargs)
         self.class_weights = class_weights
+        # The loss below is a per-batch mean: the Trainer must divide it by the
+        # gradient-accumulation steps, as it does for models without loss kwargs.
+        self.model_accepts_loss_kwargs = False
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training:

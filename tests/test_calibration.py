@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from conftest import write_hyperparameters
 
@@ -96,8 +97,33 @@ def test_class_weights_are_inverse_frequency_with_mean_one(tmp_path):
     assert (90 * weights[0] + 10 * weights[1]) / 100 == pytest.approx(1.0)  # mean 1 per ticket
 
 
+def test_weighted_trainer_weights_training_loss_only(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForSequenceClassification, TrainingArguments
+
+    from gata_ft.train import _WeightedTrainer
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3)
+    weights = torch.tensor([0.5, 1.0, 4.0])
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    trainer = _WeightedTrainer(model=model, args=args, class_weights=weights)
+    assert trainer.model_accepts_loss_kwargs is False  # the Trainer scales it for accumulation
+    torch.manual_seed(0)
+    batch = {"input_ids": torch.randint(5, 90, (6, 7)), "labels": torch.tensor([0, 1, 2, 2, 1, 0])}
+    model.eval()  # no dropout, but compute_loss looks at .training: flip only the flag
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"]).logits
+        model.training = True
+        weighted = trainer.compute_loss(model, dict(batch))
+        model.training = False
+        plain = trainer.compute_loss(model, dict(batch))
+    per_ticket = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
+    w = weights[batch["labels"]]
+    torch.testing.assert_close(weighted, (w * per_ticket).sum() / w.sum())
+    torch.testing.assert_close(plain, per_ticket.mean())
+    assert not torch.isclose(weighted, plain)
+
+
 def test_folding_the_temperature_divides_the_logits():
-    import torch
     from transformers import BertConfig, BertForSequenceClassification
 
     from gata_ft.train import _fold_temperature
