@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from gata_ft import checkpoints
-from gata_ft.calibration import split_for_calibration
+from gata_ft.calibration import MIN_ROWS_TO_HOLD_OUT, split_for_calibration
 from gata_ft.config import TrainConfig
 from gata_ft.data import LabelMap, Split, balance_table, read_split
 from gata_ft.errors import GataError, WorkerFailed
@@ -82,7 +82,7 @@ def describe(prepared: Prepared) -> str:
     return "\n".join(lines)
 
 
-def data_warnings(prepared: Prepared) -> list[str]:
+def data_warnings(prepared: Prepared, config: TrainConfig) -> list[str]:
     warnings = []
     for split, purpose in ((prepared.train, "training rows, too few to learn"),
                            (prepared.test, "test rows, too few to evaluate")):  # fmt: skip
@@ -92,6 +92,22 @@ def data_warnings(prepared: Prepared) -> list[str]:
             warnings.append(
                 f"labels with fewer than {MIN_ROWS_PER_CLASS} {purpose}: " + ", ".join(few)
             )
+    labels = prepared.label_map.labels
+    if prepared.calibration is not None:
+        present = set(prepared.calibration.labels)
+        absent = [str(x) for x in labels if x not in present]
+        if absent:
+            warnings.append(
+                f"{len(absent)} of {len(labels)} labels give no calibration rows (fewer than "
+                f"{MIN_ROWS_TO_HOLD_OUT} training rows): the temperature and the routing "
+                "threshold are fitted without them and may not hold for them; check "
+                "routing_test in calibration.json: " + ", ".join(absent)
+            )
+    elif config.calibration_split > 0:
+        warnings.append(
+            f"no label has {MIN_ROWS_TO_HOLD_OUT} training rows to spare for the calibration "
+            "split: probabilities stay uncalibrated and nothing will be routed automatically"
+        )
     overlap = len(set(prepared.train.texts) & set(prepared.test.texts))
     if overlap:
         warnings.append(
@@ -133,7 +149,7 @@ def run_job(
     nproc = process_count()
     prepared = prepare(config, paths, nproc)
     emit(describe(prepared))
-    for warning in data_warnings(prepared):
+    for warning in data_warnings(prepared, config):
         log.warning(warning)
     resume = checkpoints.select_resume(paths.checkpoint_dir, prepared.fingerprint, log.warning)
     if nproc > 1:

@@ -224,7 +224,8 @@ def calibrate(config, test_prediction, calibration_prediction, label_map, out_di
 
     test_logits, test_labels = test_prediction.predictions, test_prediction.label_ids
     if calibration_prediction is None:
-        emit("calibration: off (calibration_split=0): raw softmax scores, no routing threshold")
+        why = "calibration_split=0" if config.calibration_split <= 0 else "no rows held out"
+        emit(f"calibration: off ({why}): raw softmax scores, no routing threshold")
         return {"fitted": False, "temperature": 1.0, "threshold": None}
     cal_logits, cal_labels = calibration_prediction.predictions, calibration_prediction.label_ids
     temperature = cal.fit_temperature(cal_logits, cal_labels)

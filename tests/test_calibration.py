@@ -182,3 +182,39 @@ def test_training_job_calibrates_and_the_runtime_applies_it(tmp_path, sm_env, ti
         assert all(p.route is False for p in predictions)
     else:
         assert [p.route for p in predictions] == [p.probability >= threshold for p in predictions]
+
+
+def test_thin_labels_are_warned_about(tmp_path):
+    from dataclasses import replace
+
+    from conftest import write_rows
+
+    from gata_ft.config import TrainConfig
+    from gata_ft.job import data_warnings, prepare
+    from gata_ft.sagemaker import job_paths
+
+    train = [{"label": 7, "text": f"printer jam number {i}"} for i in range(40)]
+    train += [{"label": 8, "text": f"lost password {i}"} for i in range(3)]
+    test = [{"label": 7, "text": f"paper jam {i}"} for i in range(10)]
+    test += [{"label": 8, "text": "reset my password"}] * 2
+    write_rows(tmp_path / "train", train)
+    write_rows(tmp_path / "test", test)
+    paths = job_paths({}, train=tmp_path / "train", test=tmp_path / "test")
+    config = TrainConfig()
+
+    warnings = data_warnings(prepare(config, paths, 1), config)
+    assert warnings[0] == "labels with fewer than 5 training rows, too few to learn: 8"
+    assert warnings[1] == "labels with fewer than 5 test rows, too few to evaluate: 8"
+    assert warnings[2].startswith("1 of 2 labels give no calibration rows (fewer than 5")
+    assert warnings[2].endswith("calibration.json: 8")
+    assert len(warnings) == 3
+
+    off = replace(config, calibration_split=0.0)
+    assert len(data_warnings(prepare(off, paths, 1), off)) == 2  # no calibration, no warning
+
+    write_rows(tmp_path / "train", [r for r in train if r["label"] == 8] + train[:4])
+    warnings = data_warnings(prepare(config, paths, 1), config)
+    assert warnings[-1] == (
+        "no label has 5 training rows to spare for the calibration split: "
+        "probabilities stay uncalibrated and nothing will be routed automatically"
+    )
