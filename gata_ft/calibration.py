@@ -57,14 +57,22 @@ def nll(probabilities: np.ndarray, labels: Sequence[int]) -> float:
     return float(-np.log(np.clip(picked, 1e-12, 1.0)).mean())
 
 
+def _top1(probabilities: np.ndarray, labels: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Top-1 confidence of each ticket, and whether its top-1 label is right."""
+    return probabilities.max(axis=-1), probabilities.argmax(axis=-1) == np.asarray(labels)
+
+
+def _bin_of(confidence: np.ndarray, bins: int) -> np.ndarray:
+    """Equal-width (lower, upper] bins, as in Guo et al. 2017; a confidence of 0 cannot occur."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    return np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
+
+
 def ece(probabilities: np.ndarray, labels: Sequence[int], bins: int = ECE_BINS) -> float:
     """Expected calibration error: |accuracy - confidence| per equal-width confidence bin,
     weighted by the bin's share of the tickets (top-1 confidence)."""
-    confidence = probabilities.max(axis=-1)
-    correct = probabilities.argmax(axis=-1) == np.asarray(labels)
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    # (lower, upper] bins, as in Guo et al. 2017; a confidence of exactly 0 cannot occur
-    which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
+    confidence, correct = _top1(probabilities, labels)
+    which = _bin_of(confidence, bins)
     total = 0.0
     for b in range(bins):
         mask = which == b
@@ -94,8 +102,7 @@ class Curve:
 
 
 def coverage_curve(probabilities: np.ndarray, labels: Sequence[int]) -> Curve:
-    confidence = probabilities.max(axis=-1)
-    correct = (probabilities.argmax(axis=-1) == np.asarray(labels)).astype(float)
+    confidence, correct = _top1(probabilities, labels)
     order = np.argsort(-confidence, kind="stable")
     confidence, correct = confidence[order], correct[order]
     routed = np.arange(1, len(confidence) + 1)
@@ -140,8 +147,7 @@ def recommend_threshold(
 def routing_report(probabilities, labels, threshold, label_names) -> dict:
     """Coverage and accuracy of routing at `threshold`, overall and per true label."""
     labels = np.asarray(labels)
-    confidence = probabilities.max(axis=-1)
-    correct = probabilities.argmax(axis=-1) == labels
+    confidence, correct = _top1(probabilities, labels)
     routed = confidence >= threshold if threshold is not None else np.zeros(len(labels), bool)
 
     def block(mask):
@@ -169,9 +175,8 @@ def plot_reliability(before: np.ndarray, after: np.ndarray, labels, path: Path) 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.8), sharey=True)
     edges = np.linspace(0, 1, ECE_BINS + 1)
     for ax, probs, title in ((axes[0], before, "before"), (axes[1], after, "after")):
-        confidence = probs.max(axis=-1)
-        correct = probs.argmax(axis=-1) == np.asarray(labels)
-        which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, ECE_BINS - 1)
+        confidence, correct = _top1(probs, labels)
+        which = _bin_of(confidence, ECE_BINS)
         accs = [correct[which == b].mean() if (which == b).any() else 0 for b in range(ECE_BINS)]
         ax.bar(edges[:-1], accs, width=1 / ECE_BINS, align="edge", edgecolor="black", alpha=0.7)
         ax.plot([0, 1], [0, 1], "--", color="gray")

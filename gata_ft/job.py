@@ -83,16 +83,15 @@ def describe(prepared: Prepared) -> str:
 
 
 def data_warnings(prepared: Prepared, config: TrainConfig) -> list[str]:
-    warnings = []
+    warnings, labels = [], prepared.label_map.labels
     for split, purpose in ((prepared.train, "training rows, too few to learn"),
                            (prepared.test, "test rows, too few to evaluate")):  # fmt: skip
         counts = split.counts()
-        few = [str(x) for x in prepared.label_map.labels if counts[x] < MIN_ROWS_PER_CLASS]
+        few = [str(x) for x in labels if counts[x] < MIN_ROWS_PER_CLASS]
         if few:
             warnings.append(
                 f"labels with fewer than {MIN_ROWS_PER_CLASS} {purpose}: " + ", ".join(few)
             )
-    labels = prepared.label_map.labels
     if prepared.calibration is not None:
         present = set(prepared.calibration.labels)
         absent = [str(x) for x in labels if x not in present]
