@@ -34,16 +34,18 @@ BASE = json.loads((REPO / "bench" / "banking77-hyperparameters.json").read_text(
 
 def imbalanced_copy(source: Path, target: Path, seed: int = 0) -> dict[int, int]:
     """Write imbalanced train and test channels; return training rows per label."""
-    rows = [json.loads(line) for line in (source / "train" / "data.json").open()]
-    labels = sorted({r["label"] for r in rows})
+    channels = {
+        name: [json.loads(line) for line in (source / name / "data.json").open()]
+        for name in ("train", "test")
+    }
+    labels = sorted({r["label"] for r in channels["train"]})
     rng = random.Random(seed)
     order = labels[:]
     rng.shuffle(order)
     keep_share = {label: 100 ** (-rank / (len(order) - 1)) for rank, label in enumerate(order)}
     counts = {}
     for channel, floor in (("train", 3), ("test", 1)):
-        rows = [json.loads(line) for line in (source / channel / "data.json").open()]
-        kept = []
+        rows, kept = channels[channel], []
         for label in labels:
             mine = [r for r in rows if r["label"] == label]
             rng.shuffle(mine)
