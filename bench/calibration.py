@@ -64,8 +64,8 @@ def evaluate_shipped(artifact: Path, channel: Path, meta: dict) -> dict:
     import numpy as np
     from sklearn.metrics import f1_score
 
-    from gata_ft import calibration as cal
-    from gata_ft.artifact import safe_extract
+    from gata_ft import metrics as cal
+    from gata_ft.archive import safe_extract
     from gata_ft.runtime import Model
 
     folder = artifact.parent / "extracted"

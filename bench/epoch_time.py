@@ -105,12 +105,11 @@ def time_steps(model_path, tokenizer, split, label_map, batch_size, padded, step
     from transformers.utils import logging as hf_logging
 
     from gata_ft.config import TrainConfig
-    from gata_ft.sagemaker import job_paths
-    from gata_ft.train import _tokenize, _training_args
+    from gata_ft.train import tokenize, training_args
 
     with tempfile.TemporaryDirectory() as scratch:
         config = TrainConfig(per_device_train_batch_size=batch_size, seed=0)
-        args = _training_args(config, job_paths(checkpoint_dir=scratch), False, "fp32")
+        args = training_args(config, Path(scratch), False, "fp32")
         args = dataclasses.replace(
             args,
             max_steps=warmup + steps,
@@ -124,7 +123,7 @@ def time_steps(model_path, tokenizer, split, label_map, batch_size, padded, step
             encoded = tokenizer(split.texts, truncation=True, max_length=512, padding="max_length")
             dataset = Dataset.from_dict({**encoded, "labels": label_map.class_ids(split.labels)})
         else:
-            dataset = _tokenize(split, label_map, tokenizer, config.max_length)
+            dataset = tokenize(split, label_map, tokenizer, config.max_length)
         torch.manual_seed(0)
         hf_logging.set_verbosity_error()  # "newly initialized: classifier" is expected
         model = AutoModelForSequenceClassification.from_pretrained(

@@ -42,9 +42,10 @@ def main() -> None:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from gata_ft.artifact import safe_extract, verify_tarball
+    from gata_ft.archive import safe_extract
+    from gata_ft.artifact import verify_tarball
     from gata_ft.data import read_split
-    from gata_ft.runtime import OnnxClassifier
+    from gata_ft.inference import OnnxClassifier
 
     torch.set_num_threads(args.threads)
     test = read_split(args.data / "test", "test")

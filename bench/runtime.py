@@ -79,7 +79,7 @@ def main() -> None:
     args = parser.parse_args()
     if not args.model.is_file():
         sys.exit(f"{args.model} not found: run `make bench-export` first")
-    from gata_ft.artifact import safe_extract
+    from gata_ft.archive import safe_extract
 
     texts = [json.loads(line)["text"] for line in (DATA / "test" / "data.json").open()]
     results = {}

@@ -1,29 +1,39 @@
-"""The model.tar.gz layout: metadata, checksums, atomic writing and verified reading."""
+"""The artifact contract: what model.tar.gz holds, its metadata (written and read once), its format.
+
+Shared by the training job, `gata-ft export`, the runtime and the CLI, so it
+imports nothing heavier than the standard library and `gata_ft.archive`
+(jsonschema only when metadata is validated before writing).
+"""
 
 from __future__ import annotations
 
 import contextlib
-import gzip
-import hashlib
+import datetime as dt
 import io
 import json
-import os
 import platform
-import tarfile
-import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import cache
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import BinaryIO
 
+from gata_ft import __version__
+from gata_ft.archive import open_tarball, pack, sha256_file, sha256_stream
 from gata_ft.errors import ArtifactError
 from gata_ft.resources import schema_path
 
 FORMAT_VERSION = 2  # 1: checkpoint only (gata-ft 0.1 train); 2: adds onnx/ and golden.json
 METADATA = "metadata.json"
 METADATA_SCHEMA = "metadata.schema.json"
+TOKENIZER = "tokenizer.json"
+GOLDEN = "golden.json"
+ONNX_DIR = "onnx"
+FP32_GRAPH = "onnx/model.onnx"
+INT8_GRAPH = "onnx/model_quantized.onnx"
+RECIPE = "onnx/recipe.json"
+GRAPHS = {"int8": INT8_GRAPH, "fp32": FP32_GRAPH}
+# What the runtime reads; the checkpoint beside them is for PyTorch loaders.
+RUNTIME_FILES = frozenset({METADATA, TOKENIZER, GOLDEN, *GRAPHS.values()})
 LIBRARIES = (
     "torch",
     "transformers",
@@ -49,16 +59,157 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def sha256_file(path: Path) -> str:
-    with path.open("rb") as f:
-        return _sha256_stream(f)
+def label_entries(labels, train_counts=None, test_counts=None) -> list[dict]:
+    """The `labels` block: class id, original queue id, and its rows in each split."""
+
+    def count(counts, label):
+        return None if counts is None else counts.get(label, 0)
+
+    return [
+        {
+            "class_id": i,
+            "label": label,
+            "train_count": count(train_counts, label),
+            "test_count": count(test_counts, label),
+        }
+        for i, label in enumerate(labels)
+    ]
 
 
-def _sha256_stream(stream: BinaryIO) -> str:
-    digest = hashlib.sha256()
-    while chunk := stream.read(1 << 20):
-        digest.update(chunk)
-    return digest.hexdigest()
+def compose_metadata(
+    *,
+    labels: list[dict],
+    max_length: int,
+    text: dict,
+    export: dict,
+    base_model: dict | None = None,
+    hyperparameters: dict | None = None,
+    training: dict | None = None,
+    metrics: dict | None = None,
+    data: dict | None = None,
+    calibration: dict | None = None,
+    upgraded_from: dict | None = None,
+) -> dict:
+    """metadata.json, described by schemas/metadata.schema.json: the one place that writes it.
+
+    `export` holds the export stage's blocks (onnx, serve, parity); the file
+    table is added when the tarball is written.
+    """
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        "gata_ft_version": __version__,
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "task": "text-classification",
+        "base_model": base_model or {"name": None, "source": None},
+        "max_length": max_length,
+        "text": text,
+        "labels": labels,
+        "hyperparameters": hyperparameters,
+        "training": training,
+        "metrics": metrics,
+        "libraries": library_versions(),
+        "data": data,
+    }
+    if calibration is not None:
+        metadata["calibration"] = calibration
+    metadata.update(export)
+    if upgraded_from is not None:
+        metadata["upgraded_from"] = upgraded_from
+    return metadata
+
+
+@dataclass(frozen=True)
+class ArtifactInfo:
+    """What a reader of metadata.json needs, checked: the one place that reads it."""
+
+    labels: tuple[int, ...]
+    max_length: int
+    text_pattern: str
+    serve_graph: str
+    threshold: float | None
+    calibrated: bool  # a calibration was fitted (threshold None: route nothing)
+    metadata: dict
+
+    @classmethod
+    def of(cls, metadata: object, where: Path | str) -> ArtifactInfo:
+        """Check the format version and the fields readers use; ArtifactError names the field."""
+        if not isinstance(metadata, dict):
+            raise ArtifactError(
+                f"{where}: expected {METADATA} to hold a JSON object, "
+                f"found {type(metadata).__name__}"
+            )
+        version = metadata.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ArtifactError(
+                f"{where}: expected artifact format_version {FORMAT_VERSION}, found {version!r}; "
+                "upgrade it with `gata-ft export MODEL -o NEW.tar.gz`"
+            )
+        field = _FieldReader(metadata, where)
+        entries = field("labels", list, "a list of label entries")
+        labels = tuple(
+            field(f"labels.{i}.label", int, "a non-negative integer queue id", minimum=0)
+            for i in range(len(entries))
+        )
+        if not labels:
+            raise ArtifactError(f"{where}: {METADATA}: labels: expected 1 or more, found none")
+        graph = field("serve.graph", str, f"one of {', '.join(sorted(GRAPHS.values()))}")
+        if graph not in GRAPHS.values():
+            raise ArtifactError(
+                f"{where}: {METADATA}: serve.graph: expected one of "
+                f"{', '.join(sorted(GRAPHS.values()))}, found {graph!r}"
+            )
+        calibration = metadata.get("calibration") or {}
+        threshold = None
+        if calibration.get("threshold") is not None:
+            threshold = field("calibration.threshold", float, "a probability", minimum=0)
+        return cls(
+            labels=labels,
+            max_length=field("max_length", int, "a positive integer", minimum=1),
+            text_pattern=field("text.pattern", str, "a regular expression"),
+            serve_graph=graph,
+            threshold=threshold,
+            calibrated=bool(calibration.get("fitted")),
+            metadata=metadata,
+        )
+
+    @classmethod
+    def read(cls, folder: Path) -> ArtifactInfo:
+        """The metadata of an extracted artifact folder."""
+        path = folder / METADATA
+        if not path.is_file():
+            raise ArtifactError(f"{folder}: no {METADATA}: not a gata-ft model")
+        with path.open("rb") as f:
+            return cls.of(_load_json(f, path), folder)
+
+
+class _FieldReader:
+    """Reads a dotted field of metadata, or raises an ArtifactError that names it."""
+
+    def __init__(self, metadata: dict, where: Path | str):
+        self.metadata, self.where = metadata, where
+
+    def __call__(self, dotted: str, kind: type, expected: str, minimum: float | None = None):
+        value: object = self.metadata
+        for part in dotted.split("."):
+            if isinstance(value, list) and part.isdigit() and int(part) < len(value):
+                value = value[int(part)]
+            elif isinstance(value, dict) and part in value:
+                value = value[part]
+            else:
+                raise ArtifactError(
+                    f"{self.where}: {METADATA}: {dotted}: expected {expected}, found no such field"
+                )
+        ok = isinstance(value, kind) and not isinstance(value, bool)
+        if kind is float:
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if ok and minimum is not None:
+            ok = value >= minimum
+        if not ok:
+            shown = json.dumps(value)[:80]
+            raise ArtifactError(
+                f"{self.where}: {METADATA}: {dotted}: expected {expected}, found {shown}"
+            )
+        return value
 
 
 def file_table(folder: Path) -> dict[str, dict[str, object]]:
@@ -93,61 +244,12 @@ def write_artifact(content: Path, metadata: dict, destination: Path) -> Path:
     """Pack `content` and its metadata.json into `destination`, atomically.
 
     The file table (sha256 of every packed file) is added to `metadata`, which
-    is validated against schemas/metadata.schema.json first. Readers never see
-    a partial tarball: it is written beside the destination and renamed.
+    is validated against schemas/metadata.schema.json first.
     """
     metadata = {**metadata, "files": file_table(content)}
     validate_metadata(metadata)
     (content / METADATA).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
-
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    partial = destination.with_name(f".{destination.name}.partial-{os.getpid()}")
-    try:
-        with partial.open("wb") as raw:
-            # compresslevel 1: weights barely compress, and level 9 costs minutes on bert-base.
-            with tarfile.open(fileobj=raw, mode="w:gz", compresslevel=1) as tar:
-                for path in sorted(p for p in content.rglob("*") if p.is_file()):
-                    _add(tar, path, path.relative_to(content).as_posix())
-            raw.flush()
-            os.fsync(raw.fileno())
-        partial.replace(destination)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    _fsync_dir(destination.parent)
-    return destination
-
-
-def _add(tar: tarfile.TarFile, path: Path, name: str) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = path.stat().st_size
-    info.mode = 0o644
-    info.mtime = int(path.stat().st_mtime)
-    with path.open("rb") as f:
-        tar.addfile(info, f)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def open_tarball(path: Path) -> Iterator[tarfile.TarFile]:
-    try:
-        tar = tarfile.open(path, "r:*")  # noqa: SIM115 - closed by the with below
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise ArtifactError(
-            f"{path}: expected a gzip-compressed tar archive, cannot open it: {e}"
-        ) from e
-    with tar:
-        try:
-            yield tar
-        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
-            raise ArtifactError(f"{path}: the archive is truncated or corrupt: {e}") from e
+    return pack(content, destination)
 
 
 def read_tarball_metadata(path: Path) -> dict:
@@ -159,17 +261,20 @@ def read_tarball_metadata(path: Path) -> dict:
         data = tar.extractfile(member)
         if data is None:
             raise ArtifactError(f"{path}: {METADATA} is not a regular file")
-        return json.load(io.TextIOWrapper(data, encoding="utf-8"))
+        return _load_json(data, f"{path}: {METADATA}")
+
+
+def _load_json(stream, where) -> object:
+    try:
+        return json.load(io.TextIOWrapper(stream, encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{where}: expected JSON, found invalid JSON: {e}") from e
 
 
 def verify_tarball(path: Path) -> dict:
     """Check the format version and every file's sha256; return the metadata."""
     metadata = read_tarball_metadata(path)
-    version = metadata.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ArtifactError(
-            f"{path}: expected artifact format_version {FORMAT_VERSION}, found {version!r}"
-        )
+    ArtifactInfo.of(metadata, path)
     expected = metadata.get("files", {})
     seen = set()
     with open_tarball(path) as tar:
@@ -181,42 +286,10 @@ def verify_tarball(path: Path) -> dict:
             data = tar.extractfile(member)
             if data is None:
                 raise ArtifactError(f"{path}: {member.name} is not a regular file")
-            if _sha256_stream(data) != expected[member.name]["sha256"]:
+            if sha256_stream(data) != expected[member.name]["sha256"]:
                 raise ArtifactError(f"{path}: {member.name} does not match its sha256")
             seen.add(member.name)
     missing = sorted(set(expected) - seen)
     if missing:
         raise ArtifactError(f"{path}: files listed in {METADATA} are missing: {missing}")
     return metadata
-
-
-def safe_extract(path: Path, destination: Path, only: set[str] | None = None) -> list[str]:
-    """Extract a tarball we did not write, refusing anything but plain files and folders.
-
-    Absolute names, `..`, links and devices are refused by name before a byte
-    is written; Python's `data` filter then applies the same rules again.
-    With `only`, just those member names are extracted.
-    """
-    with open_tarball(path) as tar:
-        try:
-            members = tar.getmembers()
-        except (tarfile.TarError, EOFError, OSError) as e:
-            raise ArtifactError(f"{path}: the archive is truncated or corrupt: {e}") from e
-        for member in members:
-            name = member.name
-            parts = Path(name).parts
-            if name.startswith(("/", "\\")) or ".." in parts:
-                raise ArtifactError(f"{path}: refusing to extract {name!r}: it points outside")
-            if not (member.isfile() or member.isdir()):
-                kind = "a link" if member.issym() or member.islnk() else "a device or special file"
-                raise ArtifactError(f"{path}: refusing to extract {name!r}: it is {kind}")
-        if only is not None:
-            members = [m for m in members if m.name in only]
-        # The data filter exists from Python 3.11.4 (Debian bookworm ships 3.11.2);
-        # without it, the checks above are the whole defence, and they suffice.
-        extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-        try:
-            tar.extractall(destination, members=members, **extra)  # noqa: S202 - checked above
-        except (tarfile.TarError, EOFError, OSError) as e:
-            raise ArtifactError(f"{path}: the archive is truncated or corrupt: {e}") from e
-    return [m.name for m in members if m.isfile()]

@@ -1,6 +1,7 @@
-"""Calibrated confidences and the routing threshold: temperature scaling, ECE, NLL, coverage.
+"""Calibrated confidences and the routing threshold: the split, temperature scaling, the threshold.
 
-numpy and scipy only; every function takes logits or probabilities and class ids.
+numpy and scipy only; every function takes logits or probabilities and class
+ids. The figures (ECE, NLL, coverage, routing) come from `gata_ft.metrics`.
 """
 
 from __future__ import annotations
@@ -9,13 +10,15 @@ import random
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-ECE_BINS = 15
+from gata_ft import metrics
+from gata_ft.metrics import coverage_curve, softmax
+
 THRESHOLD_CONFIDENCE = 0.9  # the threshold's accuracy holds with this confidence
 MIN_ROWS_TO_HOLD_OUT = 5  # a class with fewer training rows gives none to calibration
+APPLIED = "folded into the classifier's weights: every graph outputs calibrated logits"
 
 
 def split_for_calibration(
@@ -44,75 +47,20 @@ def split_for_calibration(
     return [i for i in range(len(labels)) if i not in held_set], sorted(held)
 
 
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    scaled = np.asarray(logits, dtype=np.float64) / temperature
-    scaled -= scaled.max(axis=-1, keepdims=True)
-    exp = np.exp(scaled)
-    return exp / exp.sum(axis=-1, keepdims=True)
-
-
-def nll(probabilities: np.ndarray, labels: Sequence[int]) -> float:
-    """Mean negative log-likelihood of the true class."""
-    picked = probabilities[np.arange(len(labels)), np.asarray(labels)]
-    return float(-np.log(np.clip(picked, 1e-12, 1.0)).mean())
-
-
-def _top1(probabilities: np.ndarray, labels: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Top-1 confidence of each ticket, and whether its top-1 label is right."""
-    return probabilities.max(axis=-1), probabilities.argmax(axis=-1) == np.asarray(labels)
-
-
-def _bin_of(confidence: np.ndarray, bins: int) -> np.ndarray:
-    """Equal-width (lower, upper] bins, as in Guo et al. 2017; a confidence of 0 cannot occur."""
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    return np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
-
-
-def ece(probabilities: np.ndarray, labels: Sequence[int], bins: int = ECE_BINS) -> float:
-    """Expected calibration error: |accuracy - confidence| per equal-width confidence bin,
-    weighted by the bin's share of the tickets (top-1 confidence)."""
-    confidence, correct = _top1(probabilities, labels)
-    which = _bin_of(confidence, bins)
-    total = 0.0
-    for b in range(bins):
-        mask = which == b
-        if mask.any():
-            total += mask.mean() * abs(correct[mask].mean() - confidence[mask].mean())
-    return float(total)
-
-
 def fit_temperature(logits: np.ndarray, labels: Sequence[int]) -> float:
     """The temperature that minimises NLL on (logits, labels): one scalar, argmax unchanged."""
     from scipy.optimize import minimize_scalar
 
+    logits = np.asarray(logits, dtype=np.float64)
+
     def objective(log_t: float) -> float:
-        return nll(softmax(logits, float(np.exp(log_t))), labels)
+        return metrics.nll(softmax(logits, float(np.exp(log_t))), labels)
 
     result = minimize_scalar(objective, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
     return float(np.exp(result.x))
 
 
-@dataclass(frozen=True)
-class Curve:
-    """Routing at every threshold: share of tickets routed and accuracy on those."""
-
-    thresholds: np.ndarray
-    coverage: np.ndarray
-    accuracy: np.ndarray
-
-
-def coverage_curve(probabilities: np.ndarray, labels: Sequence[int]) -> Curve:
-    confidence, correct = _top1(probabilities, labels)
-    order = np.argsort(-confidence, kind="stable")
-    confidence, correct = confidence[order], correct[order]
-    routed = np.arange(1, len(confidence) + 1)
-    accuracy = np.cumsum(correct) / routed
-    # a threshold routes every ticket at or above it: keep the last index of each value
-    last = np.r_[confidence[1:] != confidence[:-1], True]
-    return Curve(confidence[last], routed[last] / len(confidence), accuracy[last])
-
-
-def accuracy_lower_bound(curve: Curve, total: int, confidence: float) -> np.ndarray:
+def accuracy_lower_bound(curve: metrics.Curve, total: int, confidence: float) -> np.ndarray:
     """One-sided Clopper-Pearson lower bound of the routed accuracy at each threshold."""
     from scipy.stats import beta
 
@@ -144,65 +92,48 @@ def recommend_threshold(
     return float(curve.thresholds[meets.max()])  # thresholds fall as coverage grows
 
 
-def routing_report(probabilities, labels, threshold, label_names) -> dict:
-    """Coverage and accuracy of routing at `threshold`, overall and per true label."""
-    labels = np.asarray(labels)
-    confidence, correct = _top1(probabilities, labels)
-    routed = confidence >= threshold if threshold is not None else np.zeros(len(labels), bool)
+@dataclass(frozen=True)
+class Calibrated:
+    """The calibration block of metadata.json, and the probabilities its plots show."""
 
-    def block(mask):
-        n = int(mask.sum())
-        sent = routed & mask
-        return {
-            "tickets": n,
-            "coverage": float(sent.sum() / n) if n else 0.0,
-            "accuracy": float(correct[sent].mean()) if sent.any() else None,
-        }
+    result: dict
+    test_before: np.ndarray
+    test_after: np.ndarray
+    calibration_after: np.ndarray
 
-    return {
+
+def calibrate(
+    test_logits: np.ndarray,
+    test_labels: np.ndarray,
+    calibration_logits: np.ndarray,
+    calibration_labels: np.ndarray,
+    target: float,
+    label_names: Sequence[int],
+) -> Calibrated:
+    """Temperature and routing threshold from the calibration rows, reported on the test set."""
+    test_logits = np.asarray(test_logits, dtype=np.float64)
+    calibration_logits = np.asarray(calibration_logits, dtype=np.float64)
+    temperature = fit_temperature(calibration_logits, calibration_labels)
+    before, after = softmax(test_logits), softmax(test_logits, temperature)
+    cal_after = softmax(calibration_logits, temperature)
+    threshold = recommend_threshold(cal_after, calibration_labels, target)
+    on_cal = metrics.routing_report(cal_after, calibration_labels, threshold, label_names)
+    on_test = metrics.routing_report(after, test_labels, threshold, label_names)
+    result = {
+        "fitted": True,
+        "temperature": temperature,
+        "applied": APPLIED,
+        "calibration_rows": len(calibration_labels),
+        "ece_bins": metrics.ECE_BINS,
+        "test": {
+            "ece_before": metrics.ece(before, test_labels),
+            "ece_after": metrics.ece(after, test_labels),
+            "nll_before": metrics.nll(before, test_labels),
+            "nll_after": metrics.nll(after, test_labels),
+        },
+        "target_accuracy": target,
         "threshold": threshold,
-        **block(np.ones(len(labels), bool)),
-        "per_class": {str(name): block(labels == c) for c, name in enumerate(label_names)},
+        "routing_calibration_split": {k: v for k, v in on_cal.items() if k != "per_class"},
+        "routing_test": on_test,
     }
-
-
-def plot_reliability(before: np.ndarray, after: np.ndarray, labels, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.8), sharey=True)
-    edges = np.linspace(0, 1, ECE_BINS + 1)
-    for ax, probs, title in ((axes[0], before, "before"), (axes[1], after, "after")):
-        confidence, correct = _top1(probs, labels)
-        which = _bin_of(confidence, ECE_BINS)
-        accs = [correct[which == b].mean() if (which == b).any() else 0 for b in range(ECE_BINS)]
-        ax.bar(edges[:-1], accs, width=1 / ECE_BINS, align="edge", edgecolor="black", alpha=0.7)
-        ax.plot([0, 1], [0, 1], "--", color="gray")
-        ax.set_title(f"{title} temperature scaling (ECE {ece(probs, labels):.4f})")
-        ax.set_xlabel("confidence")
-    axes[0].set_ylabel("accuracy")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def plot_coverage(curves: dict[str, Curve], threshold, target: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    for name, curve in curves.items():
-        ax.plot(curve.coverage, curve.accuracy, label=name)
-    ax.axhline(target, color="gray", linestyle="--", label=f"target accuracy {target}")
-    ax.set_xlabel("share of tickets routed automatically")
-    ax.set_ylabel("accuracy of the routed tickets")
-    shown = "none" if threshold is None else f"{threshold:.3f}"
-    ax.set_title(f"Coverage and accuracy (recommended threshold {shown})")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return Calibrated(result, before, after, cal_after)

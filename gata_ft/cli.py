@@ -17,6 +17,7 @@ from gata_ft.config import OPTIONS, build_config, option_kind
 from gata_ft.errors import GataError, WorkerFailed
 from gata_ft.sagemaker import job_paths, read_hyperparameters
 
+ALL_INTERFACES = "0.0.0.0"  # noqa: S104 - the server runs in a container
 FAILURE_LIMIT = 4000  # SageMaker shows the first 1024 characters as FailureReason
 
 
@@ -107,7 +108,7 @@ def train(
     )
     paths.failure_file.unlink(missing_ok=True)  # a stale reason from an earlier run
     with _failure_guard(paths.failure_file):
-        from gata_ft.job import run_job
+        from gata_ft.pipeline import training_job
 
         hyperparameters = read_hyperparameters(paths.hyperparameters_file)
         config, user_set, warnings = build_config(
@@ -115,15 +116,15 @@ def train(
         )
         for warning in warnings:
             logging.getLogger("gata_ft").warning(warning)
-        run_job(config, user_set, paths, _emit)
+        training_job(config, user_set, paths, _emit)
 
 
 @cli.command(hidden=True)
 @click.argument("spec", type=_PATH)
 def worker(spec: Path) -> None:
     """One process of a distributed run (started by `train` through torchrun)."""
-    from gata_ft.job import run_worker
-    from gata_ft.train import is_main_process
+    from gata_ft.pipeline import run_worker
+    from gata_ft.sagemaker import is_main_process
 
     spec_data = json.loads(spec.read_text(encoding="utf-8"))
     failure = Path(spec_data["paths"]["failure_file"])
@@ -206,12 +207,9 @@ def export_command(
     metadata records that parity was not checked.
     """
     with _failure_guard(None):
-        from gata_ft.job import go_offline
+        from gata_ft.pipeline import export_job
 
-        go_offline(False)
-        from gata_ft.upgrade import upgrade
-
-        upgrade(
+        export_job(
             source,
             output,
             recipe,
@@ -229,14 +227,15 @@ def export_command(
 def inspect(model: Path) -> None:
     """Verify a model.tar.gz (format, schema, every file's sha256) and print its summary as JSON."""
     with _failure_guard(None):
-        from gata_ft.artifact import validate_metadata, verify_tarball
+        from gata_ft.artifact import ArtifactInfo, validate_metadata, verify_tarball
 
         metadata = verify_tarball(model)
         validate_metadata(metadata)
+        info = ArtifactInfo.of(metadata, model)
         test = (metadata.get("metrics") or {}).get("test") or {}
         summary = {
             "format_version": metadata["format_version"],
-            "labels": [entry["label"] for entry in metadata["labels"]],
+            "labels": list(info.labels),
             "files": sorted(metadata["files"]),
             "serve": metadata["serve"],
             "parity_checked": metadata["parity"]["checked"],
@@ -257,7 +256,7 @@ _GRAPH = click.Choice(["serve", "int8", "fp32"])
 @click.option("--graph", type=_GRAPH, default="serve", show_default=True,
               help="serve: the graph metadata.json names.")  # fmt: skip
 @click.option("--threads", default=0, show_default=True, help="onnxruntime threads (0: all cores).")
-@click.option("--batch-size", default=32, show_default=True)
+@click.option("--batch-size", default=32, show_default=True, help="Texts per onnxruntime call.")
 @click.option("--verify-golden", is_flag=True, help="Replay golden.json first; fail on a mismatch.")
 def predict(model, texts, input_file, top_k, graph, threads, batch_size, verify_golden) -> None:
     """Classify tickets with MODEL (model.tar.gz or its folder): one JSON line per text."""
@@ -291,9 +290,10 @@ def _read_texts(path: Path) -> list[str]:
 
 @cli.command()
 @click.argument("model", type=_PATH, required=False)
-@click.option("--host", default="0.0.0.0", show_default=True)  # noqa: S104 - a container
-@click.option("--port", default=8080, show_default=True, type=int)
-@click.option("--graph", type=_GRAPH, default="serve", show_default=True)
+@click.option("--host", default=ALL_INTERFACES, show_default=True, help="Address to listen on.")
+@click.option("--port", default=8080, show_default=True, type=int, help="Port to listen on.")
+@click.option("--graph", type=_GRAPH, default="serve", show_default=True,
+              help="serve: the graph metadata.json names.")  # fmt: skip
 @click.option("--threads", default=0, show_default=True, help="onnxruntime threads (0: all cores).")
 def serve(model, host, port, graph, threads) -> None:
     """Serve MODEL over HTTP: GET /ping, POST /invocations (SageMaker's inference contract).
@@ -302,12 +302,11 @@ def serve(model, host, port, graph, threads) -> None:
     The golden samples are replayed before the server accepts requests.
     """
     with _failure_guard(None):
-        import os
-
         from gata_ft.runtime import Model
+        from gata_ft.sagemaker import model_dir
         from gata_ft.server import serve as run_server
 
-        model = model or Path(os.environ.get("SM_MODEL_DIR", "/opt/ml/model"))
+        model = model or model_dir()
         loaded = Model.load(model, graph=graph, threads=threads)
         if (loaded.folder / "golden.json").is_file():
             checked = loaded.verify_golden()

@@ -44,6 +44,18 @@ class Split:
     def counts(self) -> Counter[int]:
         return Counter(self.labels)
 
+    def subset(self, rows: list[int], name: str) -> Split:
+        """The given rows, under another name (same file, digest and repair count)."""
+        return Split(
+            name,
+            self.path,
+            [self.texts[i] for i in rows],
+            [self.labels[i] for i in rows],
+            [self.lines[i] for i in rows],
+            self.sha256,
+            self.normalized_rows,
+        )
+
 
 @dataclass(frozen=True)
 class LabelMap:
@@ -97,6 +109,16 @@ class LabelMap:
             f"({_short_list(self.labels)}); add training examples for these queues "
             "or remove those rows from the test data."
         )
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The validated splits a job trains, calibrates and evaluates on."""
+
+    train: Split
+    test: Split
+    label_map: LabelMap
+    calibration: Split | None = None
 
 
 @cache

@@ -27,3 +27,11 @@ class JobInterrupted(GataError):
 
 class WorkerFailed(GataError):
     """A training worker failed and wrote the failure file itself; keep its reason."""
+
+
+class ExportError(GataError):
+    """The ONNX export, quantization or parity gate failed."""
+
+
+class StorageError(GataError):
+    """A folder the job writes to is not writable, or has too little free space."""

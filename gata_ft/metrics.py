@@ -1,18 +1,20 @@
-"""Accuracy, precision, recall, F1 and the confusion matrix: computed, printed and written."""
+"""Every figure gata-ft reports, computed once: classification scores, calibration, routing.
+
+numpy only, so that the torch-free runtime computes the same figures as the
+training job. The job's report, the parity gate, the routing report and the
+Trainer's `compute_metrics` (through the evaluate module in metric_modules/)
+all derive from `Scores`, which derives everything from the confusion matrix.
+"""
 
 from __future__ import annotations
 
-import csv
-import json
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
-from pathlib import Path
+from functools import cached_property
 
 import numpy as np
 
-from gata_ft.data import LabelMap
-
-MODULE_DIR = Path(__file__).resolve().parent / "metric_modules" / "routing_metrics"
+ECE_BINS = 15
 SCALARS = (
     "accuracy",
     "precision",
@@ -24,146 +26,168 @@ SCALARS = (
 )
 
 
-@cache
-def _module():
-    import evaluate
-
-    # Loaded by path: no Hub look-up, so it works under network isolation.
-    return evaluate.load(str(MODULE_DIR), keep_in_memory=True)
-
-
-def compute(predictions, references, num_classes: int) -> dict:
-    """All metrics for class-id predictions against class-id references."""
-    return _module().compute(
-        predictions=[int(p) for p in predictions],
-        references=[int(r) for r in references],
-        num_classes=num_classes,
-    )
+def softmax(logits, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax of logits / temperature, in the logits' own float precision."""
+    scaled = np.asarray(logits)
+    if not np.issubdtype(scaled.dtype, np.floating):
+        scaled = scaled.astype(np.float64)
+    if temperature != 1.0:
+        scaled = scaled / temperature
+    shifted = scaled - scaled.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)
 
 
-def trainer_metrics(num_classes: int):
-    """A `compute_metrics` for the Hugging Face Trainer: scalar metrics only."""
+def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """numerator / denominator, 0 where the denominator is 0 (scikit-learn's zero_division=0)."""
+    out = np.zeros(numerator.shape, dtype=np.float64)
+    np.divide(numerator, denominator, out=out, where=denominator > 0)
+    return out
 
-    def compute_metrics(eval_pred) -> dict[str, float]:
-        logits, references = eval_pred
-        result = compute(np.argmax(logits, axis=-1), references, num_classes)
+
+@dataclass(frozen=True, eq=False)
+class Scores:
+    """Single-label classification figures, all from one confusion matrix (rows: true)."""
+
+    confusion: np.ndarray
+
+    @classmethod
+    def of(cls, predictions, references, num_classes: int) -> Scores:
+        matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+        np.add.at(matrix, (np.asarray(references, int), np.asarray(predictions, int)), 1)
+        return cls(matrix)
+
+    @cached_property
+    def support(self) -> np.ndarray:
+        return self.confusion.sum(axis=1)
+
+    @cached_property
+    def precision(self) -> np.ndarray:
+        return _ratio(np.diag(self.confusion), self.confusion.sum(axis=0))
+
+    @cached_property
+    def recall(self) -> np.ndarray:
+        return _ratio(np.diag(self.confusion), self.support)
+
+    @cached_property
+    def f1(self) -> np.ndarray:
+        tp = np.diag(self.confusion)
+        errors = self.confusion.sum(axis=0) + self.support - 2 * tp  # false positives + negatives
+        return _ratio(2 * tp, 2 * tp + errors)
+
+    @property
+    def accuracy(self) -> float:
+        total = self.confusion.sum()
+        return float(np.trace(self.confusion) / total) if total else 0.0
+
+    @property
+    def present(self) -> np.ndarray:
+        """Classes in the references or the predictions: the ones averages run over."""
+        return (self.support > 0) | (self.confusion.sum(axis=0) > 0)
+
+    def averaged(self, average: str) -> dict[str, float]:
+        """precision, recall, f1 averaged "macro" (each class alike) or "weighted" (by support)."""
+        mask = self.present
+        weights = np.ones(mask.sum()) if average == "macro" else self.support[mask].astype(float)
+        total = weights.sum()
+        return {
+            name: float((getattr(self, name)[mask] * weights).sum() / total) if total else 0.0
+            for name in ("precision", "recall", "f1")
+        }
+
+    @property
+    def f1_macro(self) -> float:
+        return self.averaged("macro")["f1"]
+
+    def scalars(self) -> dict[str, float]:
+        weighted, macro = self.averaged("weighted"), self.averaged("macro")
+        result = {"accuracy": self.accuracy}
+        for name in ("precision", "recall", "f1"):
+            result[name] = weighted[name]
+            result[f"{name}_macro"] = macro[name]
         return {name: result[name] for name in SCALARS}
 
-    return compute_metrics
+    def to_dict(self) -> dict:
+        """The evaluate module's result: scalars, per-class lists and the confusion matrix."""
+        return {
+            **self.scalars(),
+            "per_class": {
+                "precision": self.precision.tolist(),
+                "recall": self.recall.tolist(),
+                "f1": self.f1.tolist(),
+                "support": self.support.tolist(),
+            },
+            "confusion_matrix": self.confusion.tolist(),
+        }
+
+
+def top1(probabilities: np.ndarray, labels: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Top-1 confidence of each ticket, and whether its top-1 label is right."""
+    return probabilities.max(axis=-1), probabilities.argmax(axis=-1) == np.asarray(labels)
+
+
+def nll(probabilities: np.ndarray, labels: Sequence[int]) -> float:
+    """Mean negative log-likelihood of the true class."""
+    picked = probabilities[np.arange(len(labels)), np.asarray(labels)]
+    return float(-np.log(np.clip(picked, 1e-12, 1.0)).mean())
+
+
+def bin_of(confidence: np.ndarray, bins: int = ECE_BINS) -> np.ndarray:
+    """Equal-width (lower, upper] bins, as in Guo et al. 2017; a confidence of 0 cannot occur."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    return np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
+
+
+def ece(probabilities: np.ndarray, labels: Sequence[int], bins: int = ECE_BINS) -> float:
+    """Expected calibration error: |accuracy - confidence| per equal-width confidence bin,
+    weighted by the bin's share of the tickets (top-1 confidence)."""
+    confidence, correct = top1(probabilities, labels)
+    which = bin_of(confidence, bins)
+    total = 0.0
+    for b in range(bins):
+        mask = which == b
+        if mask.any():
+            total += mask.mean() * abs(correct[mask].mean() - confidence[mask].mean())
+    return float(total)
 
 
 @dataclass(frozen=True)
-class Report:
-    """Metrics of one evaluation, keyed by original label ids."""
+class Curve:
+    """Routing at every threshold: share of tickets routed and accuracy on those."""
 
-    scalars: dict[str, float]
-    per_class: dict[str, dict[str, float]]
-    confusion: list[list[int]]
-    labels: tuple[int, ...]
+    thresholds: np.ndarray
+    coverage: np.ndarray
+    accuracy: np.ndarray
 
-    def to_dict(self) -> dict:
+
+def coverage_curve(probabilities: np.ndarray, labels: Sequence[int]) -> Curve:
+    confidence, correct = top1(probabilities, labels)
+    order = np.argsort(-confidence, kind="stable")
+    confidence, correct = confidence[order], correct[order]
+    routed = np.arange(1, len(confidence) + 1)
+    accuracy = np.cumsum(correct) / routed
+    # a threshold routes every ticket at or above it: keep the last index of each value
+    last = np.r_[confidence[1:] != confidence[:-1], True]
+    return Curve(confidence[last], routed[last] / len(confidence), accuracy[last])
+
+
+def routing_report(probabilities, labels, threshold, label_names) -> dict:
+    """Coverage and accuracy of routing at `threshold`, overall and per true label."""
+    labels = np.asarray(labels)
+    confidence, correct = top1(probabilities, labels)
+    routed = confidence >= threshold if threshold is not None else np.zeros(len(labels), bool)
+
+    def block(mask):
+        n = int(mask.sum())
+        sent = routed & mask
         return {
-            **self.scalars,
-            "per_class": self.per_class,
-            "confusion_matrix": {"labels": list(self.labels), "matrix": self.confusion},
+            "tickets": n,
+            "coverage": float(sent.sum() / n) if n else 0.0,
+            "accuracy": float(correct[sent].mean()) if sent.any() else None,
         }
 
-
-def build_report(logits: np.ndarray, class_ids, label_map: LabelMap, loss: float | None) -> Report:
-    result = compute(np.argmax(logits, axis=-1), class_ids, len(label_map))
-    scalars = {name: result[name] for name in SCALARS}
-    if loss is not None:
-        scalars = {"loss": float(loss), **scalars}
-    per = result["per_class"]
-    per_class = {
-        str(label): {
-            "precision": per["precision"][i],
-            "recall": per["recall"][i],
-            "f1": per["f1"][i],
-            "support": int(per["support"][i]),
-        }
-        for i, label in enumerate(label_map.labels)
+    return {
+        "threshold": threshold,
+        **block(np.ones(len(labels), bool)),
+        "per_class": {str(name): block(labels == c) for c, name in enumerate(label_names)},
     }
-    return Report(scalars, per_class, result["confusion_matrix"], label_map.labels)
-
-
-def format_report(report: Report, max_confusions: int = 10) -> str:
-    """Per-class table and the most frequent confusions, for the job log."""
-    lines = [f"{'label':>20} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}"]
-    for label, row in report.per_class.items():
-        lines.append(
-            f"{label:>20} {row['precision']:9.4f} {row['recall']:9.4f} "
-            f"{row['f1']:9.4f} {row['support']:8d}"
-        )
-    s = report.scalars
-    lines.append(
-        f"{'macro avg':>20} {s['precision_macro']:9.4f} {s['recall_macro']:9.4f} "
-        f"{s['f1_macro']:9.4f}"
-    )
-    lines.append(f"{'weighted avg':>20} {s['precision']:9.4f} {s['recall']:9.4f} {s['f1']:9.4f}")
-    lines.append(f"{'accuracy':>20} {s['accuracy']:9.4f}")
-    matrix = np.asarray(report.confusion)
-    if len(report.labels) <= 12:
-        lines.append("confusion matrix (rows: true label, columns: predicted label)")
-        width = max(8, *(len(str(label)) + 1 for label in report.labels))
-        lines.append(" " * 20 + "".join(f"{label:>{width}}" for label in report.labels))
-        for label, row in zip(report.labels, matrix, strict=True):
-            lines.append(f"{label:>20}" + "".join(f"{n:>{width}}" for n in row))
-    else:
-        off = matrix.copy()
-        np.fill_diagonal(off, 0)
-        order = np.argsort(off, axis=None)[::-1][:max_confusions]
-        pairs = [np.unravel_index(k, off.shape) for k in order if off.flat[k] > 0]
-        lines.append("most frequent confusions (full matrix in confusion_matrix.csv):")
-        for t, p in pairs:
-            lines.append(
-                f"  true {report.labels[t]} -> predicted {report.labels[p]}: {off[t, p]} tickets"
-            )
-    return "\n".join(lines)
-
-
-def write_reports(report: Report, out_dir: Path) -> list[Path]:
-    """metrics.json, confusion_matrix.csv and confusion_matrix.png in `out_dir`."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = out_dir / "metrics.json"
-    metrics_path.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
-    csv_path = out_dir / "confusion_matrix.csv"
-    with csv_path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["true\\predicted", *report.labels])
-        for label, row in zip(report.labels, report.confusion, strict=True):
-            writer.writerow([label, *row])
-    png_path = out_dir / "confusion_matrix.png"
-    plot_confusion(report, png_path)
-    return [metrics_path, csv_path, png_path]
-
-
-def plot_confusion(report: Report, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    matrix = np.asarray(report.confusion, dtype=float)
-    n = len(report.labels)
-    # Colour by the share of each true label's tickets, so that small queues
-    # show their errors as clearly as large ones; annotate raw counts.
-    shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-    size = min(4 + 0.35 * n, 30)
-    fig, ax = plt.subplots(figsize=(size, size * 0.9))
-    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
-    ticks = [str(label) for label in report.labels]
-    ax.set_xticks(range(n), ticks, rotation=90, fontsize=8 if n <= 30 else 5)
-    ax.set_yticks(range(n), ticks, fontsize=8 if n <= 30 else 5)
-    ax.set_xlabel("predicted label")
-    ax.set_ylabel("true label")
-    ax.set_title(f"Confusion matrix (accuracy {report.scalars['accuracy']:.4f})")
-    if n <= 20:
-        for (t, p), count in np.ndenumerate(matrix):
-            if count:
-                color = "white" if shares[t, p] > 0.5 else "black"
-                ax.text(p, t, int(count), ha="center", va="center", color=color, fontsize=8)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true label's tickets")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

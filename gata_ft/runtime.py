@@ -18,10 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from gata_ft import text as text_rules
+from gata_ft.archive import safe_extract
+from gata_ft.artifact import GOLDEN, GRAPHS, RUNTIME_FILES, TOKENIZER, ArtifactInfo
 from gata_ft.errors import ArtifactError, GataError
+from gata_ft.inference import OnnxClassifier
+from gata_ft.metrics import softmax
 
-SUPPORTED_FORMAT = 2
-GRAPHS = {"int8": "onnx/model_quantized.onnx", "fp32": "onnx/model.onnx"}
 CHARS_PER_TOKEN_LIMIT = 32  # texts are cut at max_length x this before tokenizing
 
 
@@ -53,32 +55,23 @@ class Model:
 
     def __init__(self, folder: Path, graph: str = "serve", threads: int = 0, normalize=True):
         self.folder = Path(folder)
-        metadata_file = self.folder / "metadata.json"
-        if not metadata_file.is_file():
-            raise ArtifactError(f"{self.folder}: no metadata.json: not a gata-ft model")
-        self.metadata = json.loads(metadata_file.read_text(encoding="utf-8"))
-        version = self.metadata.get("format_version")
-        if version != SUPPORTED_FORMAT:
-            raise ArtifactError(
-                f"{self.folder}: expected artifact format_version {SUPPORTED_FORMAT}, found "
-                f"{version!r}; upgrade it with `gata-ft export MODEL -o NEW.tar.gz`"
-            )
+        info = ArtifactInfo.read(self.folder)
+        self.metadata = info.metadata
         if graph == "serve":
-            self.graph = self.metadata["serve"]["graph"]
+            self.graph = info.serve_graph
         elif graph in GRAPHS:
             self.graph = GRAPHS[graph]
         else:
             raise ArtifactError(f"graph: expected serve, int8 or fp32, found {graph!r}")
-        self.labels = tuple(entry["label"] for entry in self.metadata["labels"])
-        self.max_length = int(self.metadata["max_length"])
-        self.pattern = self.metadata["text"]["pattern"]
-        calibration = self.metadata.get("calibration") or {}
-        self.threshold = calibration.get("threshold")
+        self.labels = info.labels
+        self.max_length = info.max_length
+        self.pattern = info.text_pattern
+        self.threshold = info.threshold
         # fitted without a threshold: no probability reached the target, route nothing
-        self.routes = bool(calibration.get("fitted"))
+        self.routes = info.calibrated
         self.normalize = normalize
         self.classifier = OnnxClassifier(
-            self.folder / self.graph, self.folder / "tokenizer.json", self.max_length, threads
+            self.folder / self.graph, self.folder / TOKENIZER, self.max_length, threads
         )
 
     @classmethod
@@ -87,10 +80,7 @@ class Model:
         path = Path(path)
         if path.is_file():
             scratch = tempfile.TemporaryDirectory(prefix="gata-ft-model-")
-            from gata_ft.artifact import safe_extract
-
-            needed = {"metadata.json", "tokenizer.json", "golden.json", *GRAPHS.values()}
-            safe_extract(path, Path(scratch.name), only=needed)
+            safe_extract(path, Path(scratch.name), only=set(RUNTIME_FILES))
             model = cls(Path(scratch.name), graph, threads, normalize)
             model._scratch = scratch  # removed with the model
         elif path.is_dir():
@@ -103,10 +93,10 @@ class Model:
 
     def verify_golden(self) -> int:
         """Replay golden.json; raise ArtifactError on a mismatch. Returns the texts checked."""
-        golden_file = self.folder / "golden.json"
+        golden_file = self.folder / GOLDEN
         if not golden_file.is_file():
             raise ArtifactError(
-                f"{self.folder}: no golden.json to verify (exported without test data)"
+                f"{self.folder}: no {GOLDEN} to verify (exported without test data)"
             )
         golden = json.loads(golden_file.read_text(encoding="utf-8"))
         expected = np.asarray(golden["probabilities"][self.graph])
@@ -162,71 +152,3 @@ class Model:
         if not value.strip():
             raise InputError(f"texts[{index}]: expected some words, found an empty text")
         return value
-
-
-class OnnxClassifier:
-    """An exported sequence-classification graph and the tokenizer it was trained with."""
-
-    def __init__(
-        self,
-        graph: Path | str,
-        tokenizer_file: Path | str,
-        max_length: int,
-        intra_op_threads: int = 0,
-        session_config: dict[str, str] | None = None,
-    ):
-        import onnxruntime as ort
-        from tokenizers import Tokenizer
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads  # 0: one per core
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        for key, value in (session_config or {}).items():
-            options.add_session_config_entry(key, value)
-        self.session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.max_length = max_length
-        self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
-        self.tokenizer.no_padding()
-        self.tokenizer.enable_truncation(max_length)
-        self._pad_id = _pad_id(self.tokenizer)
-
-    def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
-        """Token ids for a batch, padded to its longest text: exactly the graph's inputs."""
-        encodings = self.tokenizer.encode_batch(list(texts))
-        width = max(len(e.ids) for e in encodings)
-        shape = (len(encodings), width)
-        arrays = {
-            "input_ids": np.full(shape, self._pad_id, dtype=np.int64),
-            "attention_mask": np.zeros(shape, dtype=np.int64),
-            "token_type_ids": np.zeros(shape, dtype=np.int64),
-        }
-        for row, encoding in enumerate(encodings):
-            n = len(encoding.ids)
-            arrays["input_ids"][row, :n] = encoding.ids
-            arrays["attention_mask"][row, :n] = encoding.attention_mask
-            arrays["token_type_ids"][row, :n] = encoding.type_ids
-        return {name: arrays[name] for name in self.input_names}
-
-    def logits(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
-        """Raw scores, one row per text, in the order given."""
-        outputs = []
-        for start in range(0, len(texts), batch_size):
-            feed = self.encode(texts[start : start + batch_size])
-            outputs.append(self.session.run(None, feed)[0])
-        return np.concatenate(outputs).astype(np.float32)
-
-
-def _pad_id(tokenizer) -> int:
-    for token in ("[PAD]", "<pad>"):
-        token_id = tokenizer.token_to_id(token)
-        if token_id is not None:
-            return token_id
-    return 0
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=-1, keepdims=True)

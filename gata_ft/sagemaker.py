@@ -89,6 +89,25 @@ def num_gpus(env: Mapping[str, str] | None = None) -> int | None:
     return int(raw)
 
 
+def model_dir(env: Mapping[str, str] | None = None) -> Path:
+    """SM_MODEL_DIR: where the job writes model.tar.gz, and where an endpoint finds it extracted."""
+    return _env(os.environ if env is None else env, "SM_MODEL_DIR")
+
+
+def rank() -> int:
+    """This process's rank under torchrun (0 without it)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    """How many training processes torchrun started (1 without it)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
 def local_env(root: Path, train: Path, test: Path) -> dict[str, str]:
     """SM_* variables for a job run outside SageMaker, every output folder under `root`."""
     return {

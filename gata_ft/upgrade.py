@@ -1,33 +1,22 @@
-"""`gata-ft export`: turn a checkpoint or an older tarball into a dual-format artifact.
+"""What `gata-ft export` reads: a checkpoint folder, a gata-ft tarball, or an old job's tarball.
 
 Inputs: a Hugging Face checkpoint folder; a model.tar.gz from gata-ft (any
 format version); or a tarball of the previous gata-finetune job (checkpoint
 files at the root, metadata.json with `label_mapping`, no ONNX). The input
-is only read; tarballs are extracted with `artifact.safe_extract`.
+is only read; tarballs are extracted with `archive.safe_extract`.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import json
-import tempfile
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gata_ft import __version__
-from gata_ft.artifact import (
-    FORMAT_VERSION,
-    METADATA,
-    library_versions,
-    safe_extract,
-    sha256_file,
-    write_artifact,
-)
-from gata_ft.data import LabelMap, read_split, text_pattern
-from gata_ft.errors import ArtifactError, ConfigError
-from gata_ft.export import EvalSet, Recipe, add_onnx
+from gata_ft.archive import safe_extract, sha256_file
+from gata_ft.artifact import METADATA, TOKENIZER, label_entries
+from gata_ft.data import LabelMap
+from gata_ft.errors import ArtifactError
 
 OLD_JOB_MAX_LENGTH = 512  # gata-finetune padded and truncated every ticket to 512 tokens
 # Metadata that a gata-ft artifact carries over into its upgrade unchanged.
@@ -125,92 +114,39 @@ def _labels_from_config(path: Path, config: dict) -> tuple[int, ...]:
         ) from None
 
 
-def upgrade(
-    source_path: Path,
-    output: Path,
-    recipe_name: str,
-    test_dir: Path | None,
-    strict: bool,
-    max_length: int | None,
-    normalize_text: bool,
-    force: bool,
-    emit: Callable[[str], None],
-) -> dict:
-    """Write a format-2 tarball (checkpoint + ONNX graphs) for `source_path` to `output`."""
-    if output.exists() and output.resolve() == source_path.resolve():
-        raise ConfigError(f"--output {output}: is the input; the input is never modified")
-    if output.exists() and not force:
-        raise ConfigError(f"--output {output}: already exists; pass --force to replace it")
-    recipe = Recipe.load(recipe_name)
-    with tempfile.TemporaryDirectory(prefix="gata-ft-export-") as scratch:
-        source = read_source(source_path, Path(scratch), max_length)
-        emit(f"{source_path}: {source.kind} checkpoint, {len(source.labels)} labels")
-        label_map = LabelMap(source.labels)
-        evaluation, test_counts = None, None
-        if test_dir is not None:
-            split = read_split(test_dir, "test", normalize=normalize_text)
-            label_map.check_covers(split)
-            evaluation = EvalSet(split.texts, label_map.class_ids(split.labels), label_map.labels)
-            test_counts = Counter(split.labels)
-        content = Path(scratch) / "content"
-        _normalize_checkpoint(source, content)
-        blocks = add_onnx(content, source.max_length, recipe, evaluation, strict, emit)
-        metadata = _metadata(source, test_counts) | blocks
-        write_artifact(content, metadata, output)
-    emit(f"wrote {output}; serving {blocks['serve']['graph']}: {blocks['serve']['reason']}")
-    return metadata
-
-
-def _normalize_checkpoint(source: Source, content: Path) -> None:
+def normalize_checkpoint(source: Source, content: Path) -> None:
     """Re-save as safetensors with the fast tokenizer and id2label holding the queue ids."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    label_map = LabelMap(source.labels)
     tokenizer = AutoTokenizer.from_pretrained(source.folder)
     model = AutoModelForSequenceClassification.from_pretrained(source.folder)
-    model.config.id2label = {i: str(label) for i, label in enumerate(source.labels)}
-    model.config.label2id = {str(label): i for i, label in enumerate(source.labels)}
+    model.config.id2label = label_map.id2label
+    model.config.label2id = label_map.label2id
     model.save_pretrained(content, safe_serialization=True)
     tokenizer.save_pretrained(content)
-    if not (content / "tokenizer.json").is_file():
+    if not (content / TOKENIZER).is_file():
         raise ArtifactError(
             f"{source.folder}: no fast tokenizer (tokenizer.json) could be made for this model"
         )
 
 
-def _metadata(source: Source, test_counts: Counter | None) -> dict:
+def carried_metadata(source: Source, test_counts: Counter | None) -> dict:
+    """The metadata blocks an upgrade keeps from its input, as `compose_metadata` arguments."""
     prior = source.metadata if source.kind == "gata-ft" else {}
-    labels = [
-        {
-            "class_id": i,
-            "label": label,
-            "train_count": (prior["labels"][i]["train_count"] if prior else None),
-            "test_count": (
-                test_counts.get(label, 0)
-                if test_counts is not None
-                else (prior["labels"][i]["test_count"] if prior else None)
-            ),
-        }
-        for i, label in enumerate(source.labels)
-    ]
-    metadata = {
-        "format_version": FORMAT_VERSION,
-        "gata_ft_version": __version__,
-        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "task": "text-classification",
-        "base_model": {"name": None, "source": None},
-        "max_length": source.max_length,
-        "text": {"pattern": text_pattern().pattern, "normalized": False},
-        "labels": labels,
-        "hyperparameters": None,
-        "training": None,
-        "metrics": None,
-        "data": None,
-        "libraries": library_versions(),
+    train_counts = test_before = None
+    if prior:
+        train_counts = {e["label"]: e["train_count"] for e in prior["labels"]}
+        test_before = {e["label"]: e["test_count"] for e in prior["labels"]}
+    blocks = {
+        "labels": label_entries(
+            source.labels, train_counts, test_counts if test_counts is not None else test_before
+        ),
         "upgraded_from": {
             "kind": source.kind,
             "format_version": (source.metadata or {}).get("format_version"),
             "sha256": source.sha256,
         },
     }
-    metadata.update({key: prior[key] for key in CARRIED if key in prior})
-    return metadata
+    blocks.update({key: prior[key] for key in CARRIED if key in prior})
+    return blocks

@@ -139,7 +139,7 @@ def trained_artifact(tmp_path_factory, tiny_model_dir):
     """The training job's tarball for the tiny model, made once for this module."""
     from click.testing import CliRunner
 
-    from gata_ft.artifact import safe_extract
+    from gata_ft.archive import safe_extract
     from gata_ft.cli import cli
     from gata_ft.examples import write_example
     from gata_ft.sagemaker import local_env

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from gata_ft import artifact
+from gata_ft import archive, artifact
 from gata_ft.errors import ArtifactError
 
 
@@ -129,7 +129,7 @@ def test_failure_while_packing_leaves_no_partial_file(tmp_path, content, monkeyp
     def broken_add(tar, path, name):
         raise OSError("disk full")
 
-    monkeypatch.setattr(artifact, "_add", broken_add)
+    monkeypatch.setattr(archive, "_add", broken_add)
     (tmp_path / "model").mkdir()
     with pytest.raises(OSError, match="disk full"):
         artifact.write_artifact(content, minimal_metadata(), tmp_path / "model" / "model.tar.gz")
@@ -144,7 +144,7 @@ def test_tampered_file_is_detected(tmp_path, content):
     with tarfile.open(tampered, "w:gz") as tar:
         for name in [*sorted(metadata["files"]), "metadata.json"]:
             tar.add(content / name, arcname=name)
-    assert metadata["files"]["model.safetensors"]["sha256"] != artifact.sha256_file(
+    assert metadata["files"]["model.safetensors"]["sha256"] != archive.sha256_file(
         content / "model.safetensors"
     )
     with pytest.raises(ArtifactError, match=r"model.safetensors does not match its sha256$"):
@@ -208,7 +208,7 @@ def test_safe_extract_refuses_crafted_members_and_writes_nothing(tmp_path, membe
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(ArtifactError) as info:
-        artifact.safe_extract(crafted, out)
+        archive.safe_extract(crafted, out)
     assert str(info.value) == f"{crafted}: {reason}"
     assert list(out.iterdir()) == []
     assert not (tmp_path / "evil.sh").exists()
@@ -219,11 +219,11 @@ def test_safe_extract_reports_a_truncated_archive(tmp_path, content):
     truncated = tmp_path / "truncated.tar.gz"
     truncated.write_bytes(target.read_bytes()[:200])
     with pytest.raises(ArtifactError, match=r"the archive is truncated or corrupt"):
-        artifact.safe_extract(truncated, tmp_path / "out")
+        archive.safe_extract(truncated, tmp_path / "out")
 
 
 def test_safe_extract_extracts_a_good_archive(tmp_path, content):
     target = artifact.write_artifact(content, minimal_metadata(), tmp_path / "model.tar.gz")
-    names = artifact.safe_extract(target, tmp_path / "out")
+    names = archive.safe_extract(target, tmp_path / "out")
     assert "onnx/model.onnx" in names
     assert (tmp_path / "out" / "onnx" / "model_quantized.onnx").read_bytes() == b"int8"

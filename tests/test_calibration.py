@@ -9,7 +9,9 @@ from click.testing import CliRunner
 from conftest import write_hyperparameters
 
 from gata_ft import calibration as cal
-from gata_ft.artifact import safe_extract, verify_tarball
+from gata_ft import metrics
+from gata_ft.archive import safe_extract
+from gata_ft.artifact import verify_tarball
 from gata_ft.cli import cli
 
 
@@ -18,30 +20,32 @@ def test_ece_and_nll_match_a_hand_computed_case():
     probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.4, 0.6], [0.6, 0.4]])
     labels = [0, 1, 1, 0]
     # bin (0.867, 0.933]: accuracy 0.5, confidence 0.9 -> 0.4 x 2/4; bin (0.533, 0.6]: 1.0 vs 0.6
-    assert cal.ece(probs, labels) == pytest.approx(0.5 * 0.4 + 0.5 * 0.4)
-    assert cal.nll(probs, labels) == pytest.approx(
+    assert metrics.ece(probs, labels) == pytest.approx(0.5 * 0.4 + 0.5 * 0.4)
+    assert metrics.nll(probs, labels) == pytest.approx(
         -(np.log(0.9) + np.log(0.1) + 2 * np.log(0.6)) / 4
     )
-    assert cal.ece(np.array([[1.0, 0.0], [0.0, 1.0]]), [0, 1]) == 0.0
+    assert metrics.ece(np.array([[1.0, 0.0], [0.0, 1.0]]), [0, 1]) == 0.0
 
 
 def test_temperature_scaling_fixes_an_overconfident_model():
     rng = np.random.default_rng(0)
     honest = rng.normal(size=(4000, 5)) * 1.5
-    labels = [rng.choice(5, p=row) for row in cal.softmax(honest)]  # honest logits are calibrated
+    labels = [
+        rng.choice(5, p=row) for row in metrics.softmax(honest)
+    ]  # honest logits are calibrated
     overconfident = honest * 4.0
     temperature = cal.fit_temperature(overconfident, labels)
     assert temperature == pytest.approx(4.0, rel=0.1)
-    before, after = cal.softmax(overconfident), cal.softmax(overconfident, temperature)
-    assert cal.nll(after, labels) < cal.nll(before, labels) - 0.5
-    assert cal.ece(after, labels) < 0.03 < cal.ece(before, labels)
+    before, after = metrics.softmax(overconfident), metrics.softmax(overconfident, temperature)
+    assert metrics.nll(after, labels) < metrics.nll(before, labels) - 0.5
+    assert metrics.ece(after, labels) < 0.03 < metrics.ece(before, labels)
     assert (after.argmax(-1) == before.argmax(-1)).all()  # routing decisions unchanged
 
 
 def test_threshold_is_the_lowest_that_meets_the_target_on_its_split():
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(2000, 4)) * 2
-    probs = cal.softmax(logits)
+    probs = metrics.softmax(logits)
     labels = [rng.choice(4, p=row) for row in probs]
     from scipy.stats import beta
 
@@ -64,11 +68,11 @@ def test_threshold_is_the_lowest_that_meets_the_target_on_its_split():
 
 def test_coverage_curve_on_a_hand_case():
     probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.8, 0.2], [0.3, 0.7]])
-    curve = cal.coverage_curve(probs, [0, 1, 0, 1])
+    curve = metrics.coverage_curve(probs, [0, 1, 0, 1])
     assert curve.thresholds.tolist() == [0.9, 0.8, 0.7]
     assert curve.coverage.tolist() == [0.25, 0.75, 1.0]
     assert curve.accuracy.tolist() == pytest.approx([1.0, 2 / 3, 0.75])
-    report = cal.routing_report(probs, [0, 1, 0, 1], 0.8, ["a", "b"])
+    report = metrics.routing_report(probs, [0, 1, 0, 1], 0.8, ["a", "b"])
     assert (report["coverage"], report["accuracy"]) == (0.75, pytest.approx(2 / 3))
     assert report["per_class"]["b"] == {"tickets": 2, "coverage": 0.5, "accuracy": 0.0}
 
@@ -100,12 +104,12 @@ def test_class_weights_are_inverse_frequency_with_mean_one(tmp_path):
 def test_weighted_trainer_weights_training_loss_only(tmp_path, tiny_model_dir):
     from transformers import AutoModelForSequenceClassification, TrainingArguments
 
-    from gata_ft.train import _WeightedTrainer
+    from gata_ft.train import WeightedTrainer
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3)
     weights = torch.tensor([0.5, 1.0, 4.0])
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
-    trainer = _WeightedTrainer(model=model, args=args, class_weights=weights)
+    trainer = WeightedTrainer(model=model, args=args, class_weights=weights)
     assert trainer.model_accepts_loss_kwargs is False  # the Trainer scales it for accumulation
     torch.manual_seed(0)
     batch = {"input_ids": torch.randint(5, 90, (6, 7)), "labels": torch.tensor([0, 1, 2, 2, 1, 0])}
@@ -126,7 +130,7 @@ def test_weighted_trainer_weights_training_loss_only(tmp_path, tiny_model_dir):
 def test_folding_the_temperature_divides_the_logits():
     from transformers import BertConfig, BertForSequenceClassification
 
-    from gata_ft.train import _fold_temperature
+    from gata_ft.train import fold_temperature
 
     torch.manual_seed(0)
     model = BertForSequenceClassification(
@@ -142,7 +146,7 @@ def test_folding_the_temperature_divides_the_logits():
     ids = torch.tensor([[1, 5, 7, 2]])
     with torch.no_grad():
         raw = model(input_ids=ids).logits
-        _fold_temperature(model, 2.5, 3)
+        fold_temperature(model, 2.5, 3)
         folded = model(input_ids=ids).logits
     torch.testing.assert_close(folded, raw / 2.5)
 
@@ -167,13 +171,13 @@ def test_training_job_calibrates_and_the_runtime_applies_it(tmp_path, sm_env, ti
     assert "calibration: temperature " in result.stdout
     assert "held-out rows; test ECE " in result.stdout
 
-    from gata_ft.export import torch_logits
+    from gata_ft.export.reference import torch_logits
     from gata_ft.runtime import Model
 
     folder = tmp_path / "model"
     safe_extract(sm_env["SM_MODEL_DIR"] / "model.tar.gz", folder)
     texts = [json.loads(line)["text"] for line in (sm_env["SM_CHANNEL_TEST"] / "data.json").open()]
-    calibrated = cal.softmax(torch_logits(folder, texts, 64))  # the checkpoint: folded
+    calibrated = metrics.softmax(torch_logits(folder, texts, 64))  # the checkpoint: folded
     model = Model.load(folder, graph="fp32")
     predictions = model.predict(texts, batch_size=1)
     np.testing.assert_allclose([p.probability for p in predictions], calibrated.max(-1), atol=1e-5)
@@ -190,7 +194,7 @@ def test_thin_labels_are_warned_about(tmp_path):
     from conftest import write_rows
 
     from gata_ft.config import TrainConfig
-    from gata_ft.job import data_warnings, prepare
+    from gata_ft.preflight import data_warnings, prepare_data
     from gata_ft.sagemaker import job_paths
 
     train = [{"label": 7, "text": f"printer jam number {i}"} for i in range(40)]
@@ -202,7 +206,7 @@ def test_thin_labels_are_warned_about(tmp_path):
     paths = job_paths({}, train=tmp_path / "train", test=tmp_path / "test")
     config = TrainConfig()
 
-    warnings = data_warnings(prepare(config, paths, 1), config)
+    warnings = data_warnings(prepare_data(config, paths), config)
     assert warnings[0] == "labels with fewer than 5 training rows, too few to learn: 8"
     assert warnings[1] == "labels with fewer than 5 test rows, too few to evaluate: 8"
     assert warnings[2].startswith("1 of 2 labels give no calibration rows (fewer than 5")
@@ -210,10 +214,10 @@ def test_thin_labels_are_warned_about(tmp_path):
     assert len(warnings) == 3
 
     off = replace(config, calibration_split=0.0)
-    assert len(data_warnings(prepare(off, paths, 1), off)) == 2  # no calibration, no warning
+    assert len(data_warnings(prepare_data(off, paths), off)) == 2  # no calibration, no warning
 
     write_rows(tmp_path / "train", [r for r in train if r["label"] == 8] + train[:4])
-    warnings = data_warnings(prepare(config, paths, 1), config)
+    warnings = data_warnings(prepare_data(config, paths), config)
     assert warnings[-1] == (
         "no label has 5 training rows to spare for the calibration split: "
         "probabilities stay uncalibrated and nothing will be routed automatically"

@@ -8,11 +8,15 @@ import pytest
 from click.testing import CliRunner
 from conftest import FIXED, write_hyperparameters
 
-from gata_ft.artifact import safe_extract, verify_tarball
+from gata_ft.archive import safe_extract
+from gata_ft.artifact import verify_tarball
 from gata_ft.cli import cli
 from gata_ft.errors import ConfigError
-from gata_ft.export import Recipe, Scores, Thresholds, gate_failures, torch_logits
-from gata_ft.runtime import OnnxClassifier, softmax
+from gata_ft.export.parity import gate_failures
+from gata_ft.export.recipe import Recipe, Thresholds
+from gata_ft.export.reference import torch_logits
+from gata_ft.inference import OnnxClassifier
+from gata_ft.metrics import Scores, softmax
 
 
 def run_export(*args):
@@ -57,7 +61,7 @@ def test_gate_on_a_hand_computed_case():
     failures = gate_failures(reference, candidate, Thresholds(), labels=(7, 8, 9))
     assert failures == [
         "accuracy 6.67 points below fp32 (limit 1.0)",
-        f"macro F1 {100 * (1 - candidate.macro_f1):.2f} points below fp32 (limit 1.0)",
+        f"macro F1 {100 * (1 - candidate.f1_macro):.2f} points below fp32 (limit 1.0)",
         "recall of label 7 10.00 points below fp32 (limit 5.0)",
     ]
     assert gate_failures(reference, reference, Thresholds(), labels=(7, 8, 9)) == []

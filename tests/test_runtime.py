@@ -16,11 +16,12 @@ import pytest
 from click.testing import CliRunner
 from conftest import FIXED
 
-from gata_ft.artifact import safe_extract
+from gata_ft.archive import safe_extract
 from gata_ft.cli import cli
 from gata_ft.errors import ArtifactError
-from gata_ft.export import onnx_logits
-from gata_ft.runtime import InputError, Model, softmax
+from gata_ft.export.reference import onnx_logits
+from gata_ft.metrics import softmax
+from gata_ft.runtime import InputError, Model
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from gata_ft.cli import cli
 from gata_ft.config import build_config
 from gata_ft.errors import JobInterrupted
 from gata_ft.examples import QUEUES
-from gata_ft.job import run_job
+from gata_ft.pipeline import training_job
 from gata_ft.sagemaker import job_paths
 
 # SageMaker metric definitions of the platform's launch workflow.
@@ -228,7 +228,7 @@ def test_interrupted_job_resumes_and_finishes_with_a_valid_artifact(sm_env, tiny
     with pytest.raises(
         JobInterrupted, match=r"^received SIGTERM at step 4: saved a checkpoint in "
     ):
-        run_job(config, user_set, paths, lambda _text: None, callbacks=[_SigtermAt(3)])
+        training_job(config, user_set, paths, lambda _text: None, callbacks=[_SigtermAt(3)])
     checkpoint = sm_env["GATA_CHECKPOINT_DIR"] / "checkpoint-4"
     assert (checkpoint / "gata-checkpoint.json").is_file()
     assert list(sm_env["SM_MODEL_DIR"].iterdir()) == []
@@ -321,17 +321,14 @@ def test_ddp_worker_failure_writes_the_failure_file(sm_env, tiny_hyperparameters
     ],
 )
 def test_precision_is_fp16_on_cuda_unless_chosen_otherwise(flags, cuda, precision):
-    from gata_ft.train import choose_precision
-
-    assert choose_precision(build_config(flags, {})[0], cuda) == precision
+    assert build_config(flags, {})[0].precision(cuda) == precision
 
 
 def test_fp16_on_a_cpu_is_an_error():
     from gata_ft.errors import ConfigError
-    from gata_ft.train import choose_precision
 
     with pytest.raises(ConfigError) as info:
-        choose_precision(build_config({"fp16": "true"}, {})[0], cuda=False)
+        build_config({"fp16": "true"}, {})[0].precision(cuda=False)
     assert str(info.value) == (
         "fp16: expected a CUDA GPU for fp16 mixed precision, found none; "
         "leave fp16 unset (automatic) or use bf16"
@@ -339,7 +336,7 @@ def test_fp16_on_a_cpu_is_an_error():
 
 
 def test_training_arguments_follow_the_config(tmp_path):
-    from gata_ft.train import _training_args
+    from gata_ft.train import training_args
 
     config = build_config(
         {
@@ -349,7 +346,7 @@ def test_training_arguments_follow_the_config(tmp_path):
         },
         {},
     )[0]
-    args = _training_args(config, job_paths(checkpoint_dir=tmp_path), False, "fp32")
+    args = training_args(config, tmp_path, False, "fp32")
     assert args.output_dir == str(tmp_path)
     assert args.per_device_train_batch_size == 16
     assert args.num_train_epochs == 4
@@ -382,7 +379,7 @@ def test_a_terminal_gets_a_progress_bar(monkeypatch):
 
     from transformers import PrinterCallback, ProgressCallback
 
-    from gata_ft import train as train_module
+    from gata_ft import callbacks
 
     class Tty(io.StringIO):
         def isatty(self):
@@ -398,8 +395,8 @@ def test_a_terminal_gets_a_progress_bar(monkeypatch):
         def add_callback(self, callback):
             self.callbacks.append(callback)
 
-    for stream, expected in ((Tty(), "_BarProgress"), (io.StringIO(), "_PlainProgress")):
+    for stream, expected in ((Tty(), "BarProgress"), (io.StringIO(), "PlainProgress")):
         monkeypatch.setattr(sys, "stderr", stream)
         trainer = FakeTrainer()
-        train_module._install_log_callbacks(trainer, print)
-        assert [type(c).__name__ for c in trainer.callbacks] == ["_EvalPrinter", expected]
+        callbacks.install_log_callbacks(trainer, print)
+        assert [type(c).__name__ for c in trainer.callbacks] == ["EvalPrinter", expected]

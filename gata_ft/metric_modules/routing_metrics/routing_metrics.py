@@ -2,16 +2,18 @@
 
 `evaluate.load("accuracy")` fetches its script from the Hugging Face Hub,
 which fails under network isolation; loading this file by path does not.
+The figures come from `gata_ft.metrics.Scores`, the one implementation
+behind every report.
 """
 
 import datasets
 import evaluate
-import numpy as np
-from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+from gata_ft.metrics import Scores
 
 _DESCRIPTION = """Accuracy, weighted and macro precision/recall/F1, per-class
 precision/recall/F1/support and the confusion matrix of a single-label
-classifier, computed with scikit-learn."""
+classifier."""
 
 _INPUTS = """
 Args:
@@ -23,6 +25,9 @@ Returns:
     accuracy, precision, recall, f1 (weighted by support), precision_macro,
     recall_macro, f1_macro (floats); per_class (dict of lists, index = class
     id); confusion_matrix (list of lists, rows = true, columns = predicted).
+    Averages run over the classes that occur in references or predictions
+    (scikit-learn's default): a queue absent from the test set has no recall
+    to average.
 """
 
 
@@ -38,26 +43,4 @@ class RoutingMetrics(evaluate.Metric):
         )
 
     def _compute(self, predictions, references, num_classes):
-        classes = list(range(num_classes))
-        y_true, y_pred = np.asarray(references), np.asarray(predictions)
-        result = {"accuracy": float(accuracy_score(y_true, y_pred))}
-        # Averages run over the classes that occur in references or predictions
-        # (scikit-learn's default): a queue absent from the test set has no
-        # recall to average.
-        for average, suffix in (("weighted", ""), ("macro", "_macro")):
-            p, r, f, _ = precision_recall_fscore_support(
-                y_true, y_pred, average=average, zero_division=0
-            )
-            result.update({f"precision{suffix}": float(p), f"recall{suffix}": float(r)})
-            result[f"f1{suffix}"] = float(f)
-        p, r, f, s = precision_recall_fscore_support(
-            y_true, y_pred, labels=classes, average=None, zero_division=0
-        )
-        result["per_class"] = {
-            "precision": p.tolist(),
-            "recall": r.tolist(),
-            "f1": f.tolist(),
-            "support": s.tolist(),
-        }
-        result["confusion_matrix"] = confusion_matrix(y_true, y_pred, labels=classes).tolist()
-        return result
+        return Scores.of(predictions, references, num_classes).to_dict()

@@ -1,0 +1,74 @@
+"""An exported sequence-classification graph and its tokenizer: onnxruntime and tokenizers only.
+
+Shared by the export stage (parity, golden samples) and the runtime; it must
+not import torch, transformers or optimum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+class OnnxClassifier:
+    """An exported sequence-classification graph and the tokenizer it was trained with."""
+
+    def __init__(
+        self,
+        graph: Path | str,
+        tokenizer_file: Path | str,
+        max_length: int,
+        intra_op_threads: int = 0,
+        session_config: dict[str, str] | None = None,
+    ):
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads  # 0: one per core
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        for key, value in (session_config or {}).items():
+            options.add_session_config_entry(key, value)
+        self.session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.max_length = max_length
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(max_length)
+        self._pad_id = _pad_id(self.tokenizer)
+
+    def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """Token ids for a batch, padded to its longest text: exactly the graph's inputs."""
+        encodings = self.tokenizer.encode_batch(list(texts))
+        width = max(len(e.ids) for e in encodings)
+        shape = (len(encodings), width)
+        arrays = {
+            "input_ids": np.full(shape, self._pad_id, dtype=np.int64),
+            "attention_mask": np.zeros(shape, dtype=np.int64),
+            "token_type_ids": np.zeros(shape, dtype=np.int64),
+        }
+        for row, encoding in enumerate(encodings):
+            n = len(encoding.ids)
+            arrays["input_ids"][row, :n] = encoding.ids
+            arrays["attention_mask"][row, :n] = encoding.attention_mask
+            arrays["token_type_ids"][row, :n] = encoding.type_ids
+        return {name: arrays[name] for name in self.input_names}
+
+    def logits(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+        """Raw scores, one row per text, in the order given."""
+        outputs = []
+        for start in range(0, len(texts), batch_size):
+            feed = self.encode(texts[start : start + batch_size])
+            outputs.append(self.session.run(None, feed)[0])
+        return np.concatenate(outputs).astype(np.float32)
+
+
+def _pad_id(tokenizer) -> int:
+    for token in ("[PAD]", "<pad>"):
+        token_id = tokenizer.token_to_id(token)
+        if token_id is not None:
+            return token_id
+    return 0

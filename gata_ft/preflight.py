@@ -1,0 +1,217 @@
+"""Checks that run before any model is loaded: data, options, base model, folders and free disk.
+
+Whatever a user can get wrong is found here, in seconds, not after the GPU hours.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from gata_ft import checkpoints
+from gata_ft.calibration import MIN_ROWS_TO_HOLD_OUT, split_for_calibration
+from gata_ft.config import TrainConfig
+from gata_ft.data import LabelMap, Prepared, balance_table, read_split
+from gata_ft.errors import ArtifactError, ConfigError, StorageError
+from gata_ft.export.recipe import Recipe
+from gata_ft.modeling import BaseModel, resolve_base_model
+from gata_ft.sagemaker import JobPaths
+
+MIN_ROWS_PER_CLASS = 5
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+# Disk needed, in multiples of the base model's weights (measured: the demo's
+# tarball is 2.0x all-MiniLM-L6-v2's weights; a checkpoint is the weights plus
+# AdamW's two moments).
+ARTIFACT_FACTOR = 2.5  # checkpoint + ONNX fp32 + int8, gzip level 1
+SCRATCH_FACTOR = 6.0  # staging folder + the export's fp32, fused and int8 graphs
+CHECKPOINT_FACTOR = 3.0  # per checkpoint: weights + optimizer state
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What preflight found: validated data, the base model, the recipe, the run's identity."""
+
+    data: Prepared
+    base: BaseModel
+    recipe: Recipe
+    fingerprint: str
+
+
+def training_job(config: TrainConfig, paths: JobPaths, num_processes: int) -> Plan:
+    """Every check of the training job that needs no model weights."""
+    data = prepare_data(config, paths)
+    recipe = Recipe.load(config.export_recipe)
+    base = resolve_base_model(config.base_model, config.allow_download)
+    check_max_length(config.max_length, base)
+    config.precision(_cuda())
+    weights = weights_size(base.path)
+    check_folders(
+        [
+            (paths.model_dir, "model.tar.gz", ARTIFACT_FACTOR * weights),
+            (paths.checkpoint_dir, "checkpoints",
+             CHECKPOINT_FACTOR * weights * (config.save_total_limit + 1)),
+            (paths.output_data_dir, "metrics and plots", 0),
+            (paths.failure_file.parent, "the failure file", 0),
+            (Path(tempfile.gettempdir()), "the export's scratch files", SCRATCH_FACTOR * weights),
+        ]
+    )  # fmt: skip
+    return Plan(data, base, recipe, fingerprint(config, data, num_processes))
+
+
+def export_job(source: Path, output: Path, recipe_name: str, force: bool) -> Recipe:
+    """The export job's checks before its input is read: output rules, recipe, folders, disk."""
+    if not source.exists():
+        raise ArtifactError(f"{source}: no such file or directory")
+    if output.exists() and output.resolve() == source.resolve():
+        raise ConfigError(f"--output {output}: is the input; the input is never modified")
+    if output.exists() and not force:
+        raise ConfigError(f"--output {output}: already exists; pass --force to replace it")
+    recipe = Recipe.load(recipe_name)
+    weights = source.stat().st_size if source.is_file() else weights_size(source)
+    check_folders(
+        [
+            (output.parent, "the exported model.tar.gz", ARTIFACT_FACTOR * weights),
+            (Path(tempfile.gettempdir()), "the export's scratch files",
+             (SCRATCH_FACTOR + ARTIFACT_FACTOR) * weights),
+        ]
+    )  # fmt: skip
+    return recipe
+
+
+def prepare_data(config: TrainConfig, paths: JobPaths) -> Prepared:
+    """Read and validate both channels, and hold out the calibration split."""
+    train = read_split(paths.train, "train", normalize=config.normalize_text)
+    test = read_split(paths.test, "test", normalize=config.normalize_text)
+    label_map = LabelMap.from_split(train)
+    label_map.check_covers(test)
+    kept, held = split_for_calibration(train.labels, config.calibration_split, config.seed)
+    calibration = train.subset(held, "calibration") if held else None
+    return Prepared(train.subset(kept, "train"), test, label_map, calibration)
+
+
+def fingerprint(config: TrainConfig, data: Prepared, num_processes: int) -> str:
+    """What must match for a checkpoint to be resumed."""
+    return checkpoints.fingerprint(
+        {
+            "train": data.train.sha256,
+            "test": data.test.sha256,
+            "labels": list(data.label_map.labels),
+            "config": config.to_dict(),
+            "num_processes": num_processes,
+        }
+    )
+
+
+def check_max_length(max_length: int, base: BaseModel) -> None:
+    """max_length against the base model's position embeddings, from its config.json."""
+    try:
+        model_config = json.loads((base.path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return  # loading the model will say what is wrong with it
+    limit = model_config.get("max_position_embeddings") if isinstance(model_config, dict) else None
+    if isinstance(limit, int) and max_length > limit:
+        raise ConfigError(
+            f"max_length: expected at most {limit} (the base model's position limit), "
+            f"found {max_length}"
+        )
+
+
+def weights_size(folder: Path) -> int:
+    """Bytes of the weight files at the top of a checkpoint folder."""
+    return sum(p.stat().st_size for pattern in WEIGHT_FILES for p in folder.glob(pattern))
+
+
+def check_folders(needs: Iterable[tuple[Path, str, float]]) -> None:
+    """Each folder exists (or is made) and takes a file; each file system has the space asked."""
+    by_device: dict[int, list[tuple[Path, str, float]]] = {}
+    for folder, purpose, need in needs:
+        _probe_writable(folder, purpose)
+        by_device.setdefault(folder.stat().st_dev, []).append((folder, purpose, need))
+    for entries in by_device.values():
+        need = sum(n for _, _, n in entries)
+        if not need:
+            continue
+        free = shutil.disk_usage(entries[0][0]).free
+        if free < need:
+            parts = ", ".join(f"{_mb(n)} for {p} in {f}" for f, p, n in entries if n)
+            raise StorageError(
+                f"{entries[0][0]}: expected at least {_mb(need)} of free disk ({parts}; "
+                f"estimated from the base model's weights), found {_mb(free)} free. "
+                "Give the job a larger volume or free some space."
+            )
+
+
+def _probe_writable(folder: Path, purpose: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".gata-ft-probe-")
+        os.close(fd)
+        Path(probe).unlink()
+    except OSError as e:
+        raise StorageError(
+            f"{folder}: expected a writable folder for {purpose}, found it is not: "
+            f"{e.strerror or e}"
+        ) from e
+
+
+def _mb(size: float) -> str:
+    return f"{size / 1e6:,.0f} MB"
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def describe(data: Prepared) -> str:
+    """The data summary the job prints: sizes, repairs and the class balance of each split."""
+    lines = []
+    splits = [s for s in (data.train, data.calibration, data.test) if s]
+    for split in splits:
+        line = f"{split.name}: {len(split)} rows from {split.path}"
+        if split.normalized_rows:
+            line += f" ({split.normalized_rows} texts normalised)"
+        lines.append(line)
+    lines.append(f"{len(data.label_map)} labels; rows per label and split:")
+    lines.append(balance_table(data.label_map, splits))
+    return "\n".join(lines)
+
+
+def data_warnings(data: Prepared, config: TrainConfig) -> list[str]:
+    warnings, labels = [], data.label_map.labels
+    for split, purpose in ((data.train, "training rows, too few to learn"),
+                           (data.test, "test rows, too few to evaluate")):  # fmt: skip
+        counts = split.counts()
+        few = [str(x) for x in labels if counts[x] < MIN_ROWS_PER_CLASS]
+        if few:
+            warnings.append(
+                f"labels with fewer than {MIN_ROWS_PER_CLASS} {purpose}: " + ", ".join(few)
+            )
+    if data.calibration is not None:
+        present = set(data.calibration.labels)
+        absent = [str(x) for x in labels if x not in present]
+        if absent:
+            warnings.append(
+                f"{len(absent)} of {len(labels)} labels give no calibration rows (fewer than "
+                f"{MIN_ROWS_TO_HOLD_OUT} training rows): the temperature and the routing "
+                "threshold are fitted without them and may not hold for them; check "
+                "routing_test in calibration.json: " + ", ".join(absent)
+            )
+    elif config.calibration_split > 0:
+        warnings.append(
+            f"no label has {MIN_ROWS_TO_HOLD_OUT} training rows to spare for the calibration "
+            "split: probabilities stay uncalibrated and nothing will be routed automatically"
+        )
+    overlap = len(set(data.train.texts) & set(data.test.texts))
+    if overlap:
+        warnings.append(
+            f"{overlap} test texts also appear in the training data; "
+            "test metrics overstate accuracy on new tickets"
+        )
+    return warnings
