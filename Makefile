@@ -35,8 +35,9 @@ demo: install
 test: install lint
 	$(BIN)/pytest
 
+# Quick feedback: no test that trains a pretrained model or runs a whole job.
 test-fast: install
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest -m "not slow and not job"
 
 lint: install
 	$(BIN)/python -m compileall -q gata_ft bench tests

@@ -208,8 +208,10 @@ def load_model(base: BaseModel, label_map: LabelMap):
             label2id=label_map.label2id,
             ignore_mismatched_sizes=True,
         )
-    except (OSError, ValueError) as e:
-        raise ModelError(f"base model {base.name} ({base.path}) cannot be loaded: {e}") from e
+    except Exception as e:  # safetensors, torch and transformers each raise their own kinds
+        raise ModelError(
+            f"base model {base.name} ({base.path}) cannot be loaded: {type(e).__name__}: {e}"
+        ) from e
     finally:
         hf_logging.set_verbosity(previous)
     log.info("new classification head with %d labels on %s", len(label_map), base.name)

@@ -111,8 +111,7 @@ def write_hyperparameters(sm_env, values: dict) -> Path:
     return path
 
 
-@pytest.fixture
-def tiny_hyperparameters(tiny_model_dir):
+def tiny_options(tiny_model_dir: Path) -> dict[str, str]:
     """Fast options for the tiny model, as SageMaker sends them (strings)."""
     return {
         "base_model": str(tiny_model_dir),
@@ -123,6 +122,11 @@ def tiny_hyperparameters(tiny_model_dir):
         "max_length": "64",
         "calibration_split": "0",  # the step counts below use every training row
     }
+
+
+@pytest.fixture
+def tiny_hyperparameters(tiny_model_dir):
+    return tiny_options(tiny_model_dir)
 
 
 FIXED = [
@@ -168,3 +172,16 @@ def trained_artifact(tmp_path_factory, tiny_model_dir):
         "data": data,
         "log": result.stdout,
     }
+
+
+@pytest.fixture
+def content(tmp_path):
+    folder = tmp_path / "content"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"weights")
+    (folder / "tokenizer.json").write_text("{}")
+    (folder / "onnx").mkdir()
+    (folder / "onnx" / "model.onnx").write_bytes(b"fp32")
+    (folder / "onnx" / "model_quantized.onnx").write_bytes(b"int8")
+    return folder

@@ -175,3 +175,28 @@ def test_num_gpus():
         ConfigError, match=r"^SM_NUM_GPUS: expected a non-negative integer, found 'x'$"
     ):
         num_gpus({"SM_NUM_GPUS": "x"})
+
+
+@pytest.mark.parametrize(
+    ("flags", "cuda", "precision"),
+    [
+        ({}, True, "fp16"),
+        ({}, False, "fp32"),
+        ({"bf16": "true"}, True, "bf16"),
+        ({"bf16": "true"}, False, "bf16"),
+        ({"fp16": "false"}, True, "fp32"),
+    ],
+)
+def test_precision_is_fp16_on_cuda_unless_chosen_otherwise(flags, cuda, precision):
+    assert build_config(flags, {})[0].precision(cuda) == precision
+
+
+def test_fp16_on_a_cpu_is_an_error():
+    from gata_ft.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        build_config({"fp16": "true"}, {})[0].precision(cuda=False)
+    assert str(info.value) == (
+        "fp16: expected a CUDA GPU for fp16 mixed precision, found none; "
+        "leave fp16 unset (automatic) or use bf16"
+    )

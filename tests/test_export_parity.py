@@ -1,0 +1,107 @@
+"""The parity gate: hand-computed cases and the fallbacks on a real export."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from gata_ft.artifact import verify_tarball
+from gata_ft.cli import cli
+from gata_ft.export.parity import gate_failures
+from gata_ft.export.recipe import Recipe, Thresholds
+from gata_ft.metrics import Scores
+
+
+def run_export(*args):
+    return CliRunner().invoke(cli, ["export", *map(str, args)], catch_exceptions=False)
+
+
+def test_gate_on_a_hand_computed_case():
+    truth = np.array([0] * 20 + [1] * 20 + [2] * 5)
+    reference = Scores.of(truth.copy(), truth, 3)
+    candidate_pred = truth.copy()
+    candidate_pred[:2] = 1  # class 0 loses 2 of 20: recall -10 points
+    candidate_pred[40] = 0  # class 2 (5 tickets, below min support) loses one
+    candidate = Scores.of(candidate_pred, truth, 3)
+    failures = gate_failures(reference, candidate, Thresholds(), labels=(7, 8, 9))
+    assert failures == [
+        "accuracy 6.67 points below fp32 (limit 1.0)",
+        f"macro F1 {100 * (1 - candidate.f1_macro):.2f} points below fp32 (limit 1.0)",
+        "recall of label 7 10.00 points below fp32 (limit 5.0)",
+    ]
+    assert gate_failures(reference, reference, Thresholds(), labels=(7, 8, 9)) == []
+    exactly_at_limit = truth.copy()
+    exactly_at_limit[:1] = 1  # 1 of 20 is 5.0 points: at the limit, not over it
+    at_limit = Scores.of(exactly_at_limit, truth, 3)
+    assert not any(
+        "recall" in f for f in gate_failures(reference, at_limit, Thresholds(), (7, 8, 9))
+    )
+
+
+def impossible_recipe(tmp_path):
+    """The default recipe with a gate no int8 graph can pass: 1 point better than fp32."""
+    source = Recipe.load("avx2").source
+    strict = {
+        **source,
+        "name": "impossible",
+        "parity": {**source["parity"], "max_accuracy_drop": -1.0},
+    }
+    path = tmp_path / "impossible.json"
+    path.write_text(json.dumps(strict))
+    return path
+
+
+@pytest.mark.job
+def test_failing_gate_tries_every_fallback_then_serves_fp32(tmp_path, trained_artifact):
+    out = tmp_path / "out.tar.gz"
+    test_dir = trained_artifact["data"] / "test"
+    result = run_export(
+        trained_artifact["tarball"],
+        "-o",
+        out,
+        "--test",
+        test_dir,
+        "--recipe",
+        impossible_recipe(tmp_path),
+    )
+    assert result.exit_code == 0, result.output
+    metadata = verify_tarball(out)
+    assert metadata["serve"]["graph"] == "onnx/model.onnx"
+    assert metadata["serve"]["precision"] == "fp32"
+    assert metadata["serve"]["reason"].startswith(
+        "no int8 variant of recipe impossible passed the parity gate"
+    )
+    attempts = metadata["parity"]["attempts"]
+    assert [a["variant"] for a in attempts] == [
+        "base",
+        "classifier head and pooler in fp32",
+        "the 6 most damaging nodes in fp32",
+        "u8 weights (avx2 preset)",
+    ]
+    assert all(not a["passed"] and a["failures"][0].startswith("accuracy ") for a in attempts)
+    # the fallbacks really change the graph: nodes were kept in fp32
+    base = attempts[0]["excluded_nodes"]
+    assert len(attempts[2]["excluded_nodes"]) == len(base) + 6
+    assert len(set(attempts[2]["excluded_nodes"])) == len(base) + 6
+    assert metadata["parity"]["passed"] is False
+    # scores come from real predictions on the 40 test tickets
+    assert metadata["parity"]["pytorch_fp32"]["accuracy"] == pytest.approx(
+        metadata["metrics"]["test"]["accuracy"], abs=1e-9
+    )
+    assert "WARNING: no int8 variant of recipe impossible passed the parity gate" in result.stdout
+
+
+@pytest.mark.job
+def test_strict_parity_fails_instead(tmp_path, trained_artifact):
+    out = tmp_path / "out.tar.gz"
+    result = run_export(
+        trained_artifact["tarball"], "-o", out, "--test", trained_artifact["data"] / "test",
+        "--recipe", impossible_recipe(tmp_path), "--strict-parity",
+    )  # fmt: skip
+    assert result.exit_code == 1
+    assert result.stderr.startswith(
+        "Error: no int8 variant of recipe impossible passed the parity gate"
+    )
+    assert result.stderr.rstrip().endswith("failing because --strict-parity is set")
+    assert not out.exists()
