@@ -76,7 +76,7 @@ def evaluate_shipped(artifact: Path, channel: Path, meta: dict) -> dict:
     index = {label: i for i, label in enumerate(model.labels)}
     truth = np.array([index[r["label"]] for r in rows])
     # one ticket per call, as the router serves (int8 scales depend on the batch)
-    logits = np.concatenate([model.classifier.logits([r["text"]]) for r in rows])
+    logits = np.concatenate([model.classifier.logits([r["text"]]) for r in rows]).astype(float)
     temperature = meta["calibration"]["temperature"]
     before, after = cal.softmax(logits * temperature), cal.softmax(logits)  # T is folded in
     predicted = after.argmax(-1)

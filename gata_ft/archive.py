@@ -86,6 +86,12 @@ def open_tarball(path: Path) -> Iterator[tarfile.TarFile]:
             raise ArtifactError(f"{path}: the archive is truncated or corrupt: {e}") from e
 
 
+def member_sizes(path: Path) -> dict[str, int]:
+    """Size of each member, by name, read from the headers (nothing is extracted)."""
+    with open_tarball(path) as tar:
+        return {member.name.removeprefix("./"): member.size for member in tar}
+
+
 def safe_extract(path: Path, destination: Path, only: set[str] | None = None) -> list[str]:
     """Extract a tarball we did not write, refusing anything but plain files and folders.
 

@@ -15,6 +15,7 @@ import click
 from gata_ft import __version__
 from gata_ft.config import OPTIONS, build_config, option_kind
 from gata_ft.errors import GataError, WorkerFailed
+from gata_ft.export.recipe import DEFAULT_RECIPE
 from gata_ft.sagemaker import job_paths, read_hyperparameters
 
 ALL_INTERFACES = "0.0.0.0"  # noqa: S104 - the server runs in a container
@@ -191,10 +192,14 @@ def example(folder: Path, train_per_queue: int, test_per_queue: int) -> None:
     "--test", "test_dir", type=_PATH, help="Test channel (data.json): run the parity gate."
 )
 @click.option(
-    "--recipe", default="avx2", show_default=True, help="Export recipe name or .json path."
+    "--recipe", default=DEFAULT_RECIPE, show_default=True, help="Export recipe name or .json path."
 )
 @click.option("--strict-parity", is_flag=True, help="Fail when no int8 graph passes the gate.")
-@click.option("--max-length", type=int, help="Tokens per text. [default: from the input, else 512]")
+@click.option(
+    "--max-length",
+    type=click.IntRange(8, 8192),
+    help="Tokens per text. [default: from the input, else 512]",
+)
 @click.option("--normalize-text", is_flag=True, help="Repair test texts instead of rejecting them.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 def export_command(
@@ -227,15 +232,14 @@ def export_command(
 def inspect(model: Path) -> None:
     """Verify a model.tar.gz (format, schema, every file's sha256) and print its summary as JSON."""
     with _failure_guard(None):
-        from gata_ft.artifact import ArtifactInfo, validate_metadata, verify_tarball
+        from gata_ft.artifact import validate_metadata, verify_tarball
 
-        metadata = verify_tarball(model)
+        metadata = verify_tarball(model)  # the format check and every file's sha256
         validate_metadata(metadata)
-        info = ArtifactInfo.of(metadata, model)
         test = (metadata.get("metrics") or {}).get("test") or {}
         summary = {
             "format_version": metadata["format_version"],
-            "labels": list(info.labels),
+            "labels": [entry["label"] for entry in metadata["labels"]],
             "files": sorted(metadata["files"]),
             "serve": metadata["serve"],
             "parity_checked": metadata["parity"]["checked"],

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 
 from gata_ft.errors import ConfigError
-from gata_ft.export.recipe import Recipe
+from gata_ft.export.recipe import DEFAULT_RECIPE, Recipe
 
 METRICS = (
     "f1",
@@ -93,7 +93,8 @@ class TrainConfig:
         True, "Weight the loss by inverse label frequency, so that small queues are learnt."
     )
     export_recipe: str = _opt(
-        "avx2", "Export recipe: a name in export/ (avx2, avx512_vnni, arm64) or a .json path."
+        DEFAULT_RECIPE,
+        "Export recipe: a name in export/ (avx2, avx512_vnni, arm64) or a .json path.",
     )
     strict_parity: bool = _opt(
         False, "Fail the job when no int8 graph passes the parity gate (else serve fp32)."

@@ -1,9 +1,11 @@
 """Every figure gata-ft reports, computed once: classification scores, calibration, routing.
 
 numpy only, so that the torch-free runtime computes the same figures as the
-training job. The job's report, the parity gate, the routing report and the
-Trainer's `compute_metrics` (through the evaluate module in metric_modules/)
-all derive from `Scores`, which derives everything from the confusion matrix.
+training job. The job's report, the parity gate and the Trainer's
+`compute_metrics` (through the evaluate module in metric_modules/) take their
+classification figures from `Scores`, which derives them from the confusion
+matrix; calibration (ECE, NLL) and routing figures (coverage, routed accuracy)
+are here too.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from gata_ft import calibration as cal
@@ -130,12 +131,17 @@ def export_job(
     with tempfile.TemporaryDirectory(prefix="gata-ft-export-") as scratch:
         source = upgrade.read_source(source_path, Path(scratch), max_length)
         emit(f"{source_path}: {source.kind} checkpoint, {len(source.labels)} labels")
-        label_map = LabelMap(source.labels)
+        label_map = source.label_map
         evaluation, test_counts = None, None
         if split is not None:
             label_map.check_covers(split)
             evaluation = EvalSet(split.texts, label_map.class_ids(split.labels), label_map.labels)
             test_counts = Counter(split.labels)
+        limit = preflight.position_limit(source.folder, str(source_path))
+        if max_length is None and limit is not None and source.max_length > limit:
+            # an old job's 512 on a model with fewer positions: it truncated at the limit
+            source = replace(source, max_length=limit)
+        preflight.check_max_length(source.max_length, source.folder, str(source_path))
         content = Path(scratch) / "content"
         upgrade.normalize_checkpoint(source, content)
         metadata = upgrade.carried_metadata(source, test_counts)

@@ -5,7 +5,6 @@ Whatever a user can get wrong is found here, in seconds, not after the GPU hours
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -14,16 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gata_ft import checkpoints
+from gata_ft.archive import member_sizes
 from gata_ft.calibration import MIN_ROWS_TO_HOLD_OUT, split_for_calibration
 from gata_ft.config import TrainConfig
 from gata_ft.data import LabelMap, Prepared, balance_table, read_split
-from gata_ft.errors import ArtifactError, ConfigError, StorageError
+from gata_ft.errors import ArtifactError, ConfigError, ModelError, StorageError
 from gata_ft.export.recipe import Recipe
 from gata_ft.modeling import BaseModel, resolve_base_model
 from gata_ft.sagemaker import JobPaths
 
 MIN_ROWS_PER_CLASS = 5
-WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 # Disk needed, in multiples of the base model's weights (measured: the demo's
 # tarball is 2.0x all-MiniLM-L6-v2's weights; a checkpoint is the weights plus
 # AdamW's two moments).
@@ -46,20 +45,20 @@ def training_job(config: TrainConfig, paths: JobPaths, num_processes: int) -> Pl
     """Every check of the training job that needs no model weights."""
     data = prepare_data(config, paths)
     recipe = Recipe.load(config.export_recipe)
-    base = resolve_base_model(config.base_model, config.allow_download)
-    check_max_length(config.max_length, base)
     config.precision(_cuda())
+    folders = {
+        "model.tar.gz": (paths.model_dir, ARTIFACT_FACTOR),
+        "checkpoints": (paths.checkpoint_dir, CHECKPOINT_FACTOR * (config.save_total_limit + 1)),
+        "metrics and plots": (paths.output_data_dir, 0),
+        "the failure file": (paths.failure_file.parent, 0),
+        "the export's scratch files": (Path(tempfile.gettempdir()), SCRATCH_FACTOR),
+    }
+    for purpose, (folder, _) in folders.items():  # before a download could fill the disk
+        probe_writable(folder, purpose)
+    base = resolve_base_model(config.base_model, config.allow_download)
+    check_max_length(config.max_length, base.path, f"base model {base.name}")
     weights = weights_size(base.path)
-    check_folders(
-        [
-            (paths.model_dir, "model.tar.gz", ARTIFACT_FACTOR * weights),
-            (paths.checkpoint_dir, "checkpoints",
-             CHECKPOINT_FACTOR * weights * (config.save_total_limit + 1)),
-            (paths.output_data_dir, "metrics and plots", 0),
-            (paths.failure_file.parent, "the failure file", 0),
-            (Path(tempfile.gettempdir()), "the export's scratch files", SCRATCH_FACTOR * weights),
-        ]
-    )  # fmt: skip
+    check_free_disk([(f, purpose, factor * weights) for purpose, (f, factor) in folders.items()])
     return Plan(data, base, recipe, fingerprint(config, data, num_processes))
 
 
@@ -72,14 +71,21 @@ def export_job(source: Path, output: Path, recipe_name: str, force: bool) -> Rec
     if output.exists() and not force:
         raise ConfigError(f"--output {output}: already exists; pass --force to replace it")
     recipe = Recipe.load(recipe_name)
-    weights = source.stat().st_size if source.is_file() else weights_size(source)
-    check_folders(
+    scratch = Path(tempfile.gettempdir())
+    probe_writable(output.parent, "the exported model.tar.gz")
+    probe_writable(scratch, "the export's scratch files")
+    if source.is_file():
+        sizes = member_sizes(source)
+        weights = sum(sizes.get(name, 0) for name in ("model.safetensors", "pytorch_model.bin"))
+        extracted = sum(sizes.values())
+    else:
+        weights, extracted = weights_size(source), 0
+    check_free_disk(
         [
             (output.parent, "the exported model.tar.gz", ARTIFACT_FACTOR * weights),
-            (Path(tempfile.gettempdir()), "the export's scratch files",
-             (SCRATCH_FACTOR + ARTIFACT_FACTOR) * weights),
+            (scratch, "the export's scratch files", extracted + SCRATCH_FACTOR * weights),
         ]
-    )  # fmt: skip
+    )
     return recipe
 
 
@@ -107,14 +113,22 @@ def fingerprint(config: TrainConfig, data: Prepared, num_processes: int) -> str:
     )
 
 
-def check_max_length(max_length: int, base: BaseModel) -> None:
-    """max_length against the base model's position embeddings, from its config.json."""
+def position_limit(folder: Path, what: str) -> int | None:
+    """The model's position embeddings, from its config.json (no weights load)."""
+    from transformers import AutoConfig
+
     try:
-        model_config = json.loads((base.path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return  # loading the model will say what is wrong with it
-    limit = model_config.get("max_position_embeddings") if isinstance(model_config, dict) else None
-    if isinstance(limit, int) and max_length > limit:
+        model_config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{what} ({folder}): config.json cannot be read: {e}") from e
+    limit = getattr(model_config, "max_position_embeddings", None)
+    return limit if isinstance(limit, int) else None
+
+
+def check_max_length(max_length: int, folder: Path, what: str) -> None:
+    """max_length against the model's position embeddings."""
+    limit = position_limit(folder, what)
+    if limit is not None and max_length > limit:
         raise ConfigError(
             f"max_length: expected at most {limit} (the base model's position limit), "
             f"found {max_length}"
@@ -122,31 +136,19 @@ def check_max_length(max_length: int, base: BaseModel) -> None:
 
 
 def weights_size(folder: Path) -> int:
-    """Bytes of the weight files at the top of a checkpoint folder."""
-    return sum(p.stat().st_size for pattern in WEIGHT_FILES for p in folder.glob(pattern))
+    """Bytes of the model weights at the top of a checkpoint folder (safetensors preferred)."""
+    for pattern in ("model*.safetensors", "pytorch_model*.bin"):
+        files = list(folder.glob(pattern))
+        if files:
+            return sum(p.stat().st_size for p in files)
+    raise ModelError(
+        f"{folder}: expected model weights (model.safetensors or pytorch_model.bin) beside "
+        f"config.json, found none"
+    )
 
 
-def check_folders(needs: Iterable[tuple[Path, str, float]]) -> None:
-    """Each folder exists (or is made) and takes a file; each file system has the space asked."""
-    by_device: dict[int, list[tuple[Path, str, float]]] = {}
-    for folder, purpose, need in needs:
-        _probe_writable(folder, purpose)
-        by_device.setdefault(folder.stat().st_dev, []).append((folder, purpose, need))
-    for entries in by_device.values():
-        need = sum(n for _, _, n in entries)
-        if not need:
-            continue
-        free = shutil.disk_usage(entries[0][0]).free
-        if free < need:
-            parts = ", ".join(f"{_mb(n)} for {p} in {f}" for f, p, n in entries if n)
-            raise StorageError(
-                f"{entries[0][0]}: expected at least {_mb(need)} of free disk ({parts}; "
-                f"estimated from the base model's weights), found {_mb(free)} free. "
-                "Give the job a larger volume or free some space."
-            )
-
-
-def _probe_writable(folder: Path, purpose: str) -> None:
+def probe_writable(folder: Path, purpose: str) -> None:
+    """The folder exists (or is made) and takes a file, which is removed at once."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".gata-ft-probe-")
@@ -157,6 +159,25 @@ def _probe_writable(folder: Path, purpose: str) -> None:
             f"{folder}: expected a writable folder for {purpose}, found it is not: "
             f"{e.strerror or e}"
         ) from e
+
+
+def check_free_disk(needs: Iterable[tuple[Path, str, float]]) -> None:
+    """Each file system has the space its folders need (summed where they share one)."""
+    by_device: dict[int, list[tuple[Path, str, float]]] = {}
+    for folder, purpose, need in needs:
+        by_device.setdefault(folder.stat().st_dev, []).append((folder, purpose, need))
+    for entries in by_device.values():
+        need = sum(n for _, _, n in entries)
+        if not need:
+            continue
+        free = shutil.disk_usage(entries[0][0]).free
+        if free < need:
+            parts = ", ".join(f"{_mb(n)} for {p} in {f}" for f, p, n in entries if n)
+            raise StorageError(
+                f"{entries[0][0]}: expected at least {_mb(need)} of free disk ({parts}; "
+                f"estimated from the model's weights), found {_mb(free)} free. "
+                "Give the job a larger volume or free some space."
+            )
 
 
 def _mb(size: float) -> str:

@@ -32,11 +32,13 @@ class Source:
     max_length: int
     sha256: str | None
 
+    @property
+    def label_map(self) -> LabelMap:
+        return LabelMap(self.labels)
+
 
 def read_source(path: Path, scratch: Path, max_length: int | None) -> Source:
     """Identify the input, extract it if it is a tarball, and find its labels."""
-    if not path.exists():
-        raise ArtifactError(f"{path}: no such file or directory")
     digest = None
     folder = path
     if path.is_file():
@@ -118,7 +120,7 @@ def normalize_checkpoint(source: Source, content: Path) -> None:
     """Re-save as safetensors with the fast tokenizer and id2label holding the queue ids."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    label_map = LabelMap(source.labels)
+    label_map = source.label_map
     tokenizer = AutoTokenizer.from_pretrained(source.folder)
     model = AutoModelForSequenceClassification.from_pretrained(source.folder)
     model.config.id2label = label_map.id2label

@@ -140,7 +140,7 @@ FIXED = [
 
 @pytest.fixture(scope="session")
 def trained_artifact(tmp_path_factory, tiny_model_dir):
-    """The training job's tarball for the tiny model, made once for this module."""
+    """The training job's tarball for the tiny model, made once for the whole session."""
     from click.testing import CliRunner
 
     from gata_ft.archive import safe_extract

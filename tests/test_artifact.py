@@ -135,3 +135,42 @@ def test_not_a_tarball(tmp_path):
         ArtifactError, match=r"expected a gzip-compressed tar archive, cannot open it"
     ):
         artifact.verify_tarball(bad)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda m: [1, 2, 3], "expected metadata.json to hold a JSON object, found list"),
+        (lambda m: {**m, "format_version": 1}, "expected artifact format_version 2, found 1; "),
+        (lambda m: {k: v for k, v in m.items() if k != "serve"},
+         "metadata.json: serve.graph: expected one of onnx/model.onnx, "
+         "onnx/model_quantized.onnx, found no such field"),
+        (lambda m: {**m, "serve": {"graph": "../../../../etc/passwd"}},
+         'metadata.json: serve.graph: expected one of onnx/model.onnx, '
+         "onnx/model_quantized.onnx, found '../../../../etc/passwd'"),
+        (lambda m: {**m, "max_length": "lots"},
+         'metadata.json: max_length: expected a positive integer, found "lots"'),
+        (lambda m: {**m, "labels": [{"label": -4}]},
+         "metadata.json: labels.0.label: expected a non-negative integer queue id, found -4"),
+        (lambda m: {**m, "labels": []}, "metadata.json: labels: expected 1 or more, found none"),
+        (lambda m: {**m, "calibration": {"fitted": True, "threshold": "high"}},
+         'metadata.json: calibration.threshold: expected a probability, found "high"'),
+    ],
+)  # fmt: skip
+def test_malformed_metadata_names_the_field(change, message):
+    with pytest.raises(ArtifactError) as info:
+        artifact.ArtifactInfo.of(change(minimal_metadata()), "model")
+    assert str(info.value).startswith("model: " + message)
+
+
+def test_metadata_is_read_into_the_fields_readers_use():
+    info = artifact.ArtifactInfo.of(
+        {**minimal_metadata(), "calibration": {"fitted": True, "threshold": 0.8}}, "model"
+    )
+    assert info.labels == (5, 16066574298652)
+    assert (info.max_length, info.text_pattern) == (64, "^[a-z]+$")
+    assert (info.serve_graph, info.threshold, info.calibrated) == (
+        "onnx/model_quantized.onnx",
+        0.8,
+        True,
+    )

@@ -32,7 +32,7 @@ def test_ddp_with_two_processes_through_torchrun(
     assert len(re.findall(r"train_loss: ([0-9\.]+)", result.stdout)) == 1  # rank 0 only
 
 
-def test_ddp_worker_failure_writes_the_failure_file(sm_env, tiny_hyperparameters):
+def test_preflight_fails_the_launcher_before_torchrun_starts(sm_env, tiny_hyperparameters):
     write_hyperparameters(sm_env, {**tiny_hyperparameters, "max_length": "512"})
     env = {**os.environ, "SM_NUM_GPUS": "2", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
@@ -46,6 +46,7 @@ def test_ddp_worker_failure_writes_the_failure_file(sm_env, tiny_hyperparameters
     failure = (sm_env["SM_OUTPUT_DIR"] / "failure").read_text()
     assert failure.startswith("max_length: expected at most 128")
     assert list(sm_env["SM_MODEL_DIR"].iterdir()) == []
+    assert "launching" not in result.stderr  # no worker was started
 
 
 def test_a_failing_worker_writes_the_failure_file(sm_env, tiny_hyperparameters, tmp_path):

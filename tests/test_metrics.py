@@ -43,3 +43,39 @@ def test_coverage_curve_on_a_hand_case():
     report = metrics.routing_report(probs, [0, 1, 0, 1], 0.8, ["a", "b"])
     assert (report["coverage"], report["accuracy"]) == (0.75, pytest.approx(2 / 3))
     assert report["per_class"]["b"] == {"tickets": 2, "coverage": 0.5, "accuracy": 0.0}
+
+
+def test_scores_equal_scikit_learn_on_random_cases():
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        k, n = int(rng.integers(2, 12)), int(rng.integers(1, 60))
+        truth = rng.integers(0, k, n)
+        predicted = np.where(rng.random(n) < 0.6, truth, rng.integers(0, k, n))
+        scores = metrics.Scores.of(predicted, truth, k)
+        assert scores.accuracy == accuracy_score(truth, predicted)
+        for average in ("weighted", "macro"):
+            p, r, f, _ = precision_recall_fscore_support(
+                truth, predicted, average=average, zero_division=0
+            )
+            assert scores.averaged(average) == pytest.approx(
+                {"precision": p, "recall": r, "f1": f}, abs=1e-12
+            )
+        p, r, f, support = precision_recall_fscore_support(
+            truth, predicted, labels=list(range(k)), average=None, zero_division=0
+        )
+        np.testing.assert_allclose(scores.precision, p, atol=1e-12)
+        np.testing.assert_allclose(scores.recall, r, atol=1e-12)
+        np.testing.assert_allclose(scores.f1, f, atol=1e-12)
+        assert scores.support.tolist() == support.tolist()
+
+
+def test_softmax_keeps_the_precision_of_its_input():
+    logits = np.array([[1.0, 2.0, 3.0]], dtype=np.float32)
+    assert metrics.softmax(logits).dtype == np.float32
+    assert metrics.softmax(logits.astype(np.float64), 2.0).dtype == np.float64
+    np.testing.assert_allclose(
+        metrics.softmax(logits, 2.0), metrics.softmax(logits / 2.0), rtol=1e-6
+    )
+    np.testing.assert_allclose(metrics.softmax(logits).sum(-1), 1.0, rtol=1e-6)

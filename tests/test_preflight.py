@@ -180,7 +180,7 @@ def test_too_little_disk_is_found_first(sm_env, tiny_hyperparameters, no_model_l
     weights = sum(p.stat().st_size for p in tiny_model_dir.glob("*.safetensors"))
     need = round((2.5 + 3.0 * 3 + 6.0) * weights / 1e6)  # model.tar.gz, 3 checkpoints, scratch
     assert f"expected at least {need:,} MB of free disk (" in result.stderr
-    assert "estimated from the base model's weights), found 0 MB free." in result.stderr
+    assert "estimated from the model's weights), found 0 MB free." in result.stderr
     for folder in (sm_env["SM_MODEL_DIR"], sm_env["GATA_CHECKPOINT_DIR"]):
         assert list(folder.iterdir()) == []
 

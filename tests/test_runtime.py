@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import FIXED, REPO
 
+from gata_ft import text as text_rules
 from gata_ft.archive import safe_extract
 from gata_ft.cli import cli
 from gata_ft.errors import ArtifactError
@@ -94,14 +95,20 @@ def test_empty_list_and_huge_text_have_defined_results(model):
     assert model.predict([]) == []
     huge = "my card was declined " * 200_000  # 4 MB
     assert model.predict([huge])[0] == model.predict([huge[: 64 * 32]])[0]
-    seen = []
+    seen, normalized = [], []
     tokenize = model.classifier.encode
     model.classifier.encode = lambda texts: seen.extend(texts) or tokenize(texts)
+    real_normalize = text_rules.normalize
+    text_rules.normalize = lambda text, pattern: (
+        normalized.append(len(text)) or real_normalize(text, pattern)
+    )
     try:
         model.predict([huge])
     finally:
-        model.classifier.encode = tokenize
-    assert [len(text) for text in seen] == [64 * 32]  # cut before tokenizing: bounded work
+        model.classifier.encode, text_rules.normalize = tokenize, real_normalize
+    # cut before normalising and tokenizing: the work is bounded whatever the size
+    assert normalized == [64 * 32]
+    assert [len(text) for text in seen] == [64 * 32]
 
 
 def test_golden_samples_pass_and_a_mismatch_is_detected(tmp_path, trained_artifact):

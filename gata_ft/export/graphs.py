@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from gata_ft.artifact import FP32_GRAPH, INT8_GRAPH, ONNX_DIR, RECIPE, TOKENIZER
+from gata_ft.artifact import FP32_GRAPH, INT8_GRAPH, ONNX_DIR, RECIPE
 from gata_ft.export.golden import golden_texts, write_golden
 from gata_ft.export.onnx import SIDE_FILES, export_fp32, optimize, quantize
 from gata_ft.export.parity import EvalSet, GateInputs, excluded_nodes, gate, variant_record
@@ -56,9 +56,7 @@ def add_onnx(
             chosen = variant_record(variant, excluded)
             texts = []
         else:
-            inputs = GateInputs(
-                content, source, onnx_dir, content / TOKENIZER, max_length, recipe, evaluation, work
-            )
+            inputs = GateInputs(content, source, max_length, recipe, evaluation, work)
             parity, serve, chosen = gate(inputs, strict, emit)
             texts = golden_texts(evaluation.texts)
         (content / RECIPE).write_text(json.dumps(recipe.source, indent=2) + "\n")

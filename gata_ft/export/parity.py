@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gata_ft.artifact import FP32_GRAPH, INT8_GRAPH
+from gata_ft.artifact import FP32_GRAPH, INT8_GRAPH, TOKENIZER
 from gata_ft.errors import ExportError
 from gata_ft.export.golden import golden_texts
 from gata_ft.export.onnx import most_sensitive_nodes, node_names, quantize
@@ -83,14 +83,16 @@ class Attempt:
 class GateInputs:
     """What the gate compares: the checkpoint (PyTorch), the graph to quantize, the test set."""
 
-    checkpoint: Path
+    content: Path  # the checkpoint folder (PyTorch) that receives onnx/
     source: Path  # the (fused) fp32 graph each variant quantizes
-    onnx_dir: Path  # where the shipped graphs go
-    tokenizer_file: Path
     max_length: int
     recipe: Recipe
     evaluation: EvalSet
     work: Path  # scratch space for the variants
+
+    @property
+    def tokenizer_file(self) -> Path:
+        return self.content / TOKENIZER
 
 
 def variant_record(variant: Variant, excluded: list[str]) -> dict:
@@ -120,12 +122,11 @@ def gate(inputs: GateInputs, strict: bool, emit: Callable[[str], None]):
     evaluation, recipe = inputs.evaluation, inputs.recipe
     truth = np.asarray(evaluation.class_ids)
     n = len(evaluation.labels)
-    reference_logits = torch_logits(inputs.checkpoint, evaluation.texts, inputs.max_length)
+    reference_logits = torch_logits(inputs.content, evaluation.texts, inputs.max_length)
     reference_pred = reference_logits.argmax(-1)
     reference = Scores.of(reference_pred, truth, n)
-    fp32_graph = inputs.onnx_dir / "model.onnx"
     fp32_pred = onnx_logits(
-        fp32_graph, inputs.tokenizer_file, evaluation.texts, inputs.max_length
+        inputs.content / FP32_GRAPH, inputs.tokenizer_file, evaluation.texts, inputs.max_length
     ).argmax(-1)
     fp32 = Scores.of(fp32_pred, truth, n)
     fp32_agreement = float((fp32_pred == reference_pred).mean())
@@ -170,7 +171,7 @@ def gate(inputs: GateInputs, strict: bool, emit: Callable[[str], None]):
     best = len(attempts) - 1
     if not attempts[best].passed:
         best = max(range(len(attempts)), key=lambda j: attempts[j].scores["accuracy"])
-    shutil.copy2(graphs[best], inputs.onnx_dir / "model_quantized.onnx")
+    shutil.copy2(graphs[best], inputs.content / INT8_GRAPH)
     chosen = attempts[best].settings
     if attempts[best].passed:
         serve = {
