@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= build/demo
 
-.PHONY: demo test test-fast lint lint-container format install clean bench-epoch bench-banking77 bench-export bench-runtime bench-calibration container-smoke
+.PHONY: demo test test-fast lint lint-container format install clean bench-epoch bench-banking77 bench-export bench-runtime bench-calibration bench-routing container-smoke
 
 install: $(VENV)/.installed
 
@@ -79,3 +79,6 @@ container-smoke:
 
 bench-calibration: install
 	$(BIN)/python bench/calibration.py
+
+bench-routing: install
+	$(BIN)/python bench/routing.py

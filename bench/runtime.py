@@ -1,8 +1,12 @@
 """The router's runtime (ONNX int8, no torch) against the Transformers pipeline in PyTorch,
 the way the endpoint serves today: cold start, latency through the library and over HTTP,
 throughput at batch 32 and peak RSS, each engine in fresh processes, side by side.
+Then the cost of the out-of-scope score: batch-1 latency through the library with
+the score (graph with its features output, Mahalanobis distance) and without it
+(the same graph stripped of that output), interleaved ticket by ticket.
 
-Uses the BANKING77 model exported by `make bench-export`. Run: make bench-runtime
+Uses the BANKING77 model exported by `make bench-export`, and for the
+out-of-scope score the model of `make bench-routing`. Run: make bench-runtime
 """
 
 from __future__ import annotations
@@ -76,6 +80,11 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=WORK / "export-avx2.tar.gz")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--runs", type=int, default=3, help="cold starts per engine")
+    parser.add_argument(
+        "--scope-model",
+        type=Path,
+        default=REPO / "build/bench/routing/banking77-oos-seed0/job-split/model/model.tar.gz",
+    )
     args = parser.parse_args()
     if not args.model.is_file():
         sys.exit(f"{args.model} not found: run `make bench-export` first")
@@ -130,6 +139,51 @@ def main() -> None:
           f"b32 throughput {onnx['b32_texts_per_s'] / torch_['b32_texts_per_s']:.1f}x, "
           f"peak RSS {torch_['peak_rss_mb'] / onnx['peak_rss_mb']:.1f}x")  # fmt: skip
     print(json.dumps(results))
+    if args.scope_model.is_file():
+        print(scope_overhead(args.scope_model, texts, args.threads))
+    else:
+        print(f"{args.scope_model} not found: run `make bench-routing` for the scope overhead")
+
+
+def scope_overhead(artifact: Path, texts: list[str], threads: int) -> str:
+    """Batch-1 p50 with and without the out-of-scope score, interleaved on one machine."""
+    import shutil
+
+    import onnx
+
+    from gata_ft.archive import safe_extract
+    from gata_ft.inference import FEATURES
+    from gata_ft.runtime import Model
+
+    with tempfile.TemporaryDirectory() as scratch:
+        scored, plain = Path(scratch) / "scored", Path(scratch) / "plain"
+        safe_extract(artifact, scored)
+        model = Model.load(scored, threads=threads)
+        shutil.copytree(scored, plain)
+        graph = onnx.load(str(plain / model.graph))
+        for output in [o for o in graph.graph.output if o.name == FEATURES]:
+            graph.graph.output.remove(output)
+        for node in [n for n in graph.graph.node if FEATURES in n.output]:
+            graph.graph.node.remove(node)
+        onnx.save(graph, str(plain / model.graph))
+        baseline = Model.load(plain, threads=threads)
+        if baseline.scope is None or baseline.classifier.has_features:
+            sys.exit(f"{artifact}: expected a model with out-of-scope statistics")
+        timings = {"without the score": [], "with the score": []}
+        for i, text in enumerate(texts[:320]):
+            pair = [("without the score", baseline), ("with the score", model)]
+            for name, engine in pair if i % 2 else pair[::-1]:
+                started = time.perf_counter()
+                engine.predict([text])
+                if i >= 20:  # warm-up
+                    timings[name].append((time.perf_counter() - started) * 1000)
+        p50 = {name: float(np.percentile(t, 50)) for name, t in timings.items()}
+    overhead = p50["with the score"] / p50["without the score"] - 1
+    return (
+        f"out-of-scope score ({artifact.parent.parent.name}), batch 1 through the library, "
+        f"300 tickets interleaved: p50 {p50['without the score']:.3f} ms without, "
+        f"{p50['with the score']:.3f} ms with: overhead {100 * overhead:+.1f}%"
+    )
 
 
 def http_latencies(engine: str, folder: Path, texts: list[str], threads: int):

@@ -31,9 +31,10 @@ ONNX_DIR = "onnx"
 FP32_GRAPH = "onnx/model.onnx"
 INT8_GRAPH = "onnx/model_quantized.onnx"
 RECIPE = "onnx/recipe.json"
+SCOPE = "scope.npz"  # out-of-scope statistics (gata_ft.scope)
 GRAPHS = {"int8": INT8_GRAPH, "fp32": FP32_GRAPH}
 # What the runtime reads; the checkpoint beside them is for PyTorch loaders.
-RUNTIME_FILES = frozenset({METADATA, TOKENIZER, GOLDEN, *GRAPHS.values()})
+RUNTIME_FILES = frozenset({METADATA, TOKENIZER, GOLDEN, SCOPE, *GRAPHS.values()})
 LIBRARIES = (
     "torch",
     "transformers",
@@ -129,6 +130,8 @@ class ArtifactInfo:
     threshold: float | None
     calibrated: bool  # a calibration was fitted (threshold None: route nothing)
     metadata: dict
+    distance_threshold: float | None = None  # in scope at most this far from a queue
+    fallback_label: int | None = None  # where tickets that are not routed go
 
     @classmethod
     def of(cls, metadata: object, where: Path | str) -> ArtifactInfo:
@@ -159,9 +162,13 @@ class ArtifactInfo:
                 f"{', '.join(sorted(GRAPHS.values()))}, found {graph!r}"
             )
         calibration = metadata.get("calibration") or {}
-        threshold = None
+        threshold = distance = fallback = None
         if calibration.get("threshold") is not None:
             threshold = field("calibration.threshold", float, "a probability", minimum=0)
+        if calibration.get("fallback_label") is not None:
+            fallback = field("calibration.fallback_label", int, "a queue id", minimum=0)
+        if (calibration.get("scope") or {}).get("distance_threshold") is not None:
+            distance = field("calibration.scope.distance_threshold", float, "a distance", minimum=0)
         return cls(
             labels=labels,
             max_length=field("max_length", int, "a positive integer", minimum=1),
@@ -170,6 +177,8 @@ class ArtifactInfo:
             threshold=threshold,
             calibrated=bool(calibration.get("fitted")),
             metadata=metadata,
+            distance_threshold=distance,
+            fallback_label=fallback,
         )
 
     @classmethod

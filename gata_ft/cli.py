@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from gata_ft import __version__
-from gata_ft.config import OPTIONS, build_config, option_kind
+from gata_ft.config import OPTIONS, build_config, option_kind, shown_default
 from gata_ft.errors import GataError, WorkerFailed
 from gata_ft.export.recipe import DEFAULT_RECIPE
 from gata_ft.sagemaker import job_paths, read_hyperparameters
@@ -51,7 +51,7 @@ def _training_options(func):
     for name in reversed(list(OPTIONS)):
         field = OPTIONS[name]
         flag = name.replace("_", "-")
-        help_text = f"{field.metadata['help']} [default: {_show(field.default)}]"
+        help_text = f"{field.metadata['help']} [default: {shown_default(name)}]"
         if option_kind(name) is bool:
             option = click.option(f"--{flag}/--no-{flag}", name, default=None, help=help_text)
         else:
@@ -61,18 +61,18 @@ def _training_options(func):
     return func
 
 
-def _show(default: object) -> str:
-    if default is None:
-        return "auto"
-    return str(default).lower() if isinstance(default, bool) else str(default)
-
-
 _PATH = click.Path(path_type=Path)
 
 
 @cli.command()
 @click.option("--train", "train_dir", type=_PATH, help="Training channel. [env SM_CHANNEL_TRAIN]")
 @click.option("--test", "test_dir", type=_PATH, help="Test channel. [env SM_CHANNEL_TEST]")
+@click.option(
+    "--calibration",
+    "calibration_dir",
+    type=_PATH,
+    help="Labelled recent traffic to calibrate on. [env SM_CHANNEL_CALIBRATION; optional]",
+)
 @click.option("--model-dir", type=_PATH, help="Where model.tar.gz goes. [env SM_MODEL_DIR]")
 @click.option("--output-data-dir", type=_PATH, help="Metrics and plots. [env SM_OUTPUT_DATA_DIR]")
 @click.option(
@@ -91,7 +91,7 @@ _PATH = click.Path(path_type=Path)
 )
 @_training_options
 def train(
-    train_dir, test_dir, model_dir, output_data_dir, checkpoint_dir, failure_file,
+    train_dir, test_dir, calibration_dir, model_dir, output_data_dir, checkpoint_dir, failure_file,
     hyperparameters_file, **flags,
 ) -> None:  # fmt: skip
     """Fine-tune on the train channel, evaluate on the test channel, write model.tar.gz.
@@ -101,6 +101,7 @@ def train(
     paths = job_paths(
         train=train_dir,
         test=test_dir,
+        calibration=calibration_dir,
         model_dir=model_dir,
         output_data_dir=output_data_dir,
         checkpoint_dir=checkpoint_dir,

@@ -36,8 +36,8 @@ SCHEDULERS = (
 )
 
 
-def _opt(default, help: str):
-    return field(default=default, metadata={"help": help})
+def _opt(default, help: str, shown: str | None = None):
+    return field(default=default, metadata={"help": help, "shown": shown})
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,26 @@ class TrainConfig:
     target_accuracy: float = _opt(
         0.95, "Accuracy the routed tickets must reach at the recommended threshold."
     )
+    fallback_label: int | None = _opt(
+        None,
+        "Label of the fallback queue (tickets no queue owns); it must occur in the training "
+        "data. Trained as a queue, never routed to: its tickets and those not routed go there.",
+        shown="none",
+    )
+    expected_out_of_scope: float = _opt(
+        0.0,
+        "Share of traffic expected to belong to no queue; the thresholds keep the target "
+        "under it when no calibration channel is given.",
+    )
+    out_of_scope_rejection: float = _opt(
+        0.01,
+        "Least share of in-scope held-out tickets the in-scope (distance) threshold rejects.",
+    )
+    strict_routing: bool = _opt(
+        False,
+        "Fail the job when the routed accuracy on the test set is below target_accuracy "
+        "beyond its confidence interval.",
+    )
     class_weighting: bool = _opt(
         True, "Weight the loss by inverse label frequency, so that small queues are learnt."
     )
@@ -122,6 +142,17 @@ class TrainConfig:
             ("save_total_limit", self.save_total_limit >= 1, "at least 1"),
             ("calibration_split", 0 <= self.calibration_split <= 0.5, "a number from 0 to 0.5"),
             ("target_accuracy", 0 < self.target_accuracy <= 1, "a number above 0, at most 1"),
+            ("fallback_label", (self.fallback_label or 0) >= 0, "a label id, 0 or more"),
+            (
+                "expected_out_of_scope",
+                0 <= self.expected_out_of_scope <= 0.9,
+                "a number from 0 to 0.9",
+            ),
+            (
+                "out_of_scope_rejection",
+                0 <= self.out_of_scope_rejection <= 0.5,
+                "a number from 0 to 0.5",
+            ),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -151,6 +182,18 @@ _TYPES = typing.get_type_hints(TrainConfig)
 OPTIONS = {f.name: f for f in fields(TrainConfig)}
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
+_NONE = {"", "none", "null"}
+
+
+def shown_default(name: str) -> str:
+    """How help texts and the README show an option's default."""
+    field_ = OPTIONS[name]
+    if field_.metadata["shown"]:
+        return field_.metadata["shown"]
+    default = field_.default
+    if default is None:
+        return "auto"
+    return str(default).lower() if isinstance(default, bool) else str(default)
 
 
 def option_kind(name: str) -> type:
@@ -165,6 +208,8 @@ def parse_value(name: str, raw: object, source: str) -> object:
     value = raw
     if isinstance(value, str):
         value = value.strip()
+        if OPTIONS[name].default is None and kind is not bool and value.lower() in _NONE:
+            return None
         # The SageMaker Python SDK's framework estimators JSON-encode every
         # value, so a string arrives wrapped in a second pair of quotes.
         if len(value) >= 2 and value[0] == value[-1] == '"':

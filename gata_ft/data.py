@@ -119,6 +119,7 @@ class Prepared:
     test: Split
     label_map: LabelMap
     calibration: Split | None = None
+    calibration_channel: bool = False  # the calibration rows are labelled traffic, not a split
 
 
 @cache

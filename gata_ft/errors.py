@@ -35,3 +35,7 @@ class ExportError(GataError):
 
 class StorageError(GataError):
     """A folder the job writes to is not writable, or has too little free space."""
+
+
+class RoutingError(GataError):
+    """The routed accuracy on the test set misses the target and strict_routing is set."""

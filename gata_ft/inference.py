@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+FEATURES = "features"  # the graphs' second output: the classifier's input (BERT: the pooler)
+
 
 class OnnxClassifier:
     """An exported sequence-classification graph and the tokenizer it was trained with."""
@@ -34,6 +36,9 @@ class OnnxClassifier:
             options.add_session_config_entry(key, value)
         self.session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
+        outputs = {o.name for o in self.session.get_outputs()}
+        # graphs exported before gata-ft 0.2 have logits only
+        self.output_names = ["logits", FEATURES] if FEATURES in outputs else ["logits"]
         self.max_length = max_length
         self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
         self.tokenizer.no_padding()
@@ -59,11 +64,24 @@ class OnnxClassifier:
 
     def logits(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
         """Raw scores, one row per text, in the order given."""
-        outputs = []
+        return self.scores(texts, batch_size)[0]
+
+    @property
+    def has_features(self) -> bool:
+        return len(self.output_names) == 2
+
+    def scores(
+        self, texts: Sequence[str], batch_size: int = 32
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """(logits, features) one row per text, in the order given; features None if absent."""
+        logits, features = [], []
         for start in range(0, len(texts), batch_size):
             feed = self.encode(texts[start : start + batch_size])
-            outputs.append(self.session.run(None, feed)[0])
-        return np.concatenate(outputs).astype(np.float32)
+            outputs = self.session.run(self.output_names, feed)
+            logits.append(outputs[0])
+            features.append(outputs[-1])
+        stacked = np.concatenate(features).astype(np.float32) if self.has_features else None
+        return np.concatenate(logits).astype(np.float32), stacked
 
 
 def _pad_id(tokenizer) -> int:

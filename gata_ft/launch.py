@@ -39,7 +39,7 @@ def launch(
     spec = {
         "config": config.to_dict(),
         "user_set": list(user_set),
-        "paths": {k: str(v) for k, v in asdict(paths).items()},
+        "paths": {k: str(v) for k, v in asdict(paths).items() if v is not None},
         "resume_from": str(resume) if resume else None,
     }
     with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="gata-ft-worker-") as f:

@@ -162,34 +162,128 @@ class Curve:
     accuracy: np.ndarray
 
 
-def coverage_curve(probabilities: np.ndarray, labels: Sequence[int]) -> Curve:
+def coverage_curve(probabilities: np.ndarray, labels: Sequence[int], eligible=None) -> Curve:
+    """Coverage and routed accuracy at every probability threshold.
+
+    Only `eligible` tickets (in scope, not predicted as the fallback queue) can
+    be routed; coverage is a share of all tickets.
+    """
     confidence, correct = top1(probabilities, labels)
+    total = len(confidence)
+    if eligible is not None:
+        confidence, correct = confidence[eligible], correct[eligible]
     order = np.argsort(-confidence, kind="stable")
     confidence, correct = confidence[order], correct[order]
     routed = np.arange(1, len(confidence) + 1)
     accuracy = np.cumsum(correct) / routed
     # a threshold routes every ticket at or above it: keep the last index of each value
-    last = np.r_[confidence[1:] != confidence[:-1], True]
-    return Curve(confidence[last], routed[last] / len(confidence), accuracy[last])
+    last = np.r_[confidence[1:] != confidence[:-1], True] if len(confidence) else []
+    return Curve(confidence[last], routed[last] / max(total, 1), accuracy[last])
 
 
-def routing_report(probabilities, labels, threshold, label_names) -> dict:
-    """Coverage and accuracy of routing at `threshold`, overall and per true label."""
-    labels = np.asarray(labels)
-    confidence, correct = top1(probabilities, labels)
-    routed = confidence >= threshold if threshold is not None else np.zeros(len(labels), bool)
+def routing_report(routed, correct, labels, label_names, confidence: float = 0.95) -> dict:
+    """Coverage and accuracy of the routed tickets, with a two-sided Clopper-Pearson
+    interval at `confidence`, overall and per true label."""
+    routed, correct, labels = np.asarray(routed), np.asarray(correct), np.asarray(labels)
 
     def block(mask):
-        n = int(mask.sum())
-        sent = routed & mask
+        n, sent = int(mask.sum()), routed & mask
+        hits, count = int(correct[sent].sum()), int(sent.sum())
         return {
             "tickets": n,
-            "coverage": float(sent.sum() / n) if n else 0.0,
-            "accuracy": float(correct[sent].mean()) if sent.any() else None,
+            "coverage": float(count / n) if n else 0.0,
+            "accuracy": hits / count if count else None,
+            "interval": list(accuracy_interval(hits, count, confidence)) if count else None,
         }
 
     return {
-        "threshold": threshold,
         **block(np.ones(len(labels), bool)),
         "per_class": {str(name): block(labels == c) for c, name in enumerate(label_names)},
     }
+
+
+def auroc(in_scope: np.ndarray, out_of_scope: np.ndarray) -> float | None:
+    """Area under the ROC curve of a score that should be higher in scope (ties count half)."""
+    if len(in_scope) == 0 or len(out_of_scope) == 0:
+        return None
+    scores = np.concatenate([in_scope, out_of_scope]).astype(np.float64)
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    ranks = (ends - (counts - 1) / 2)[inverse]  # average rank within ties, from 1
+    n1, n0 = len(in_scope), len(out_of_scope)
+    return float((ranks[:n1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def _log_beta(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """-log B(a, b), elementwise."""
+    from math import lgamma
+
+    return np.vectorize(lambda p, q: lgamma(p + q) - lgamma(p) - lgamma(q), otypes=[float])(a, b)
+
+
+def _betainc(a: np.ndarray, b: np.ndarray, x: np.ndarray, lbeta: np.ndarray) -> np.ndarray:
+    """Regularised incomplete beta I_x(a, b), elementwise (continued fraction, Lentz)."""
+    inside = (x > 0) & (x < 1)
+    xs = np.where(inside, x, 0.5)
+    flip = xs >= (a + 1) / (a + b + 2)  # the fraction converges fast on this side only
+    p, q, y = np.where(flip, b, a), np.where(flip, a, b), np.where(flip, 1 - xs, xs)
+    front = np.exp(p * np.log(y) + q * np.log1p(-y) + lbeta) / p
+    tiny = 1e-300
+    c, d = np.ones_like(y), 1 - (p + q) * y / (p + 1)
+    d = 1 / np.where(np.abs(d) < tiny, tiny, d)
+    fraction = d.copy()
+    for m in range(1, 1000):
+        for numerator in (
+            m * (q - m) * y / ((p + 2 * m - 1) * (p + 2 * m)),
+            -(p + m) * (p + q + m) * y / ((p + 2 * m) * (p + 2 * m + 1)),
+        ):
+            d = 1 + numerator * d
+            d = 1 / np.where(np.abs(d) < tiny, tiny, d)
+            c = 1 + numerator / c
+            c = np.where(np.abs(c) < tiny, tiny, c)
+            step = c * d
+            fraction = fraction * step
+        if np.all(np.abs(step - 1) < 1e-14):
+            break
+    value = front * fraction
+    value = np.where(flip, 1 - value, value)
+    return np.where(inside, value, np.where(x <= 0, 0.0, 1.0))
+
+
+def beta_ppf(probability: float, a, b) -> np.ndarray:
+    """The `probability` quantile of Beta(a, b), elementwise (bisection on _betainc)."""
+    a, b = np.broadcast_arrays(np.asarray(a, float), np.asarray(b, float))
+    lbeta = _log_beta(a, b)
+    low, high = np.zeros(a.shape), np.ones(a.shape)
+    for _ in range(50):  # 2**-50: below any difference a count can make
+        middle = (low + high) / 2
+        below = _betainc(a, b, middle, lbeta) < probability
+        low, high = np.where(below, middle, low), np.where(below, high, middle)
+    return (low + high) / 2
+
+
+def clopper_pearson(correct, total, confidence: float, side: str) -> np.ndarray:
+    """One-sided Clopper-Pearson bound ("lower" or "upper") of correct / total, elementwise.
+
+    The bound holds with `confidence`; an empty count gives 0 (lower) or 1 (upper).
+    Equal (correct, total) pairs are computed once.
+    """
+    k, n = np.broadcast_arrays(np.asarray(correct, float), np.asarray(total, float))
+    pairs, inverse = np.unique(np.stack([k.ravel(), n.ravel()]), axis=1, return_inverse=True)
+    k_, n_ = pairs
+    if side == "lower":
+        edge, a, b = k_ <= 0, np.maximum(k_, 1), n_ - k_ + 1
+        bound = np.where(edge, 0.0, beta_ppf(1 - confidence, a, b))
+    else:
+        edge, a, b = k_ >= n_, k_ + 1, np.maximum(n_ - k_, 1)
+        bound = np.where(edge, 1.0, beta_ppf(confidence, a, b))
+    return bound[inverse.ravel()].reshape(k.shape)
+
+
+def accuracy_interval(correct, total, confidence: float = 0.95) -> tuple[float, float]:
+    """Two-sided Clopper-Pearson interval of correct / total (each side at (1 + confidence) / 2)."""
+    one_side = (1 + confidence) / 2
+    return (
+        float(clopper_pearson(correct, total, one_side, "lower")),
+        float(clopper_pearson(correct, total, one_side, "upper")),
+    )

@@ -16,16 +16,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 from gata_ft import calibration as cal
-from gata_ft import checkpoints, preflight, reports
-from gata_ft.artifact import compose_metadata, label_entries, write_artifact
+from gata_ft import checkpoints, metrics, preflight, reports
+from gata_ft.artifact import SCOPE, compose_metadata, label_entries, write_artifact
 from gata_ft.config import TrainConfig
-from gata_ft.data import LabelMap, Prepared, read_split, text_pattern
+from gata_ft.data import LabelMap, Prepared, Split, read_split, text_pattern
+from gata_ft.errors import RoutingError
 from gata_ft.export.graphs import add_onnx
 from gata_ft.export.parity import EvalSet
 from gata_ft.export.recipe import Recipe
+from gata_ft.export.reference import forward_scores
 from gata_ft.launch import launch, process_count, read_spec
 from gata_ft.metrics import coverage_curve
+from gata_ft.reports import describe_calibration, routing_shortfall
 from gata_ft.sagemaker import JobPaths, world_size
 
 log = logging.getLogger("gata_ft")
@@ -84,9 +89,9 @@ def _train_and_ship(config, user_set, paths, plan, resume, emit, callbacks=()) -
     if trained is None:  # not the main process
         return None
     data = plan.data
-    report = reports.build_report(
-        trained.test.logits, trained.test.class_ids, data.label_map, trained.test.loss
-    )
+    test = _rows(trained, data.test, data.label_map, config.max_length)
+    loss = metrics.nll(metrics.softmax(test.logits.astype(np.float64)), test.class_ids)
+    report = reports.build_report(test.logits, test.class_ids, data.label_map, loss)
     final = {f"eval_{k}": v for k, v in report.scalars.items()}
     emit(reports.format_log_dict({**final, "epoch": trained.epoch}))
     emit(f"train_loss: {trained.train_loss:.6f}")
@@ -94,21 +99,34 @@ def _train_and_ship(config, user_set, paths, plan, resume, emit, callbacks=()) -
     emit(summary_line(report, data))
     written = reports.write_reports(report, paths.output_data_dir)
     emit(f"wrote {', '.join(str(p) for p in written)}")
-    calibration = _calibrate(config, trained, data.label_map, paths.output_data_dir, emit)
+    calibrated = _calibrate(config, trained, data, test, paths.output_data_dir, emit)
+    calibration = calibrated.result if calibrated else {"fitted": False, "temperature": 1.0,
+                                                        "threshold": None}  # fmt: skip
     train.fold_temperature(trained.model, calibration["temperature"], len(data.label_map))
     training = {**trained.training, "runtime_seconds": round(time.monotonic() - started, 1)}
     metadata = _training_metadata(config, user_set, plan.base, data, report, training)
     with tempfile.TemporaryDirectory(prefix="gata-ft-artifact-") as staging:
         content = Path(staging)
         train.save_checkpoint(trained.model, trained.tokenizer, content)
+        routing = None
+        if calibrated and calibrated.scope is not None:
+            calibrated.scope.save(content / SCOPE)
+            routing = (calibrated.rule, calibrated.scope)
         evaluation = EvalSet(
-            data.test.texts, data.label_map.class_ids(data.test.labels), data.label_map.labels
-        )
+            data.test.texts, data.label_map.class_ids(data.test.labels), data.label_map.labels,
+            routing,
+        )  # fmt: skip
         return _ship(
             content, metadata | {"calibration": calibration}, plan.recipe, config.max_length,
             evaluation, config.strict_parity, paths.artifact, emit,
             parity_file=paths.output_data_dir / "parity.json",
         )  # fmt: skip
+
+
+def _rows(trained, split: Split, label_map: LabelMap, max_length: int) -> cal.Rows:
+    """The fine-tuned model's logits and features for one split, in the split's order."""
+    logits, features = forward_scores(trained.model, trained.tokenizer, split.texts, max_length)
+    return cal.Rows(logits, np.asarray(label_map.class_ids(split.labels)), features)
 
 
 def export_job(
@@ -145,6 +163,9 @@ def export_job(
         content = Path(scratch) / "content"
         upgrade.normalize_checkpoint(source, content)
         metadata = upgrade.carried_metadata(source, test_counts)
+        routing = upgrade.carried_routing(source, content)
+        if evaluation is not None and routing is not None:
+            evaluation = replace(evaluation, routing=routing)
         metadata.setdefault("text", {"pattern": text_pattern().pattern, "normalized": False})
         return _ship(
             content, metadata | {"max_length": source.max_length}, recipe, source.max_length,
@@ -177,48 +198,42 @@ def _ship(
     return artifact
 
 
-def _calibrate(config: TrainConfig, trained, label_map: LabelMap, out_dir: Path, emit) -> dict:
-    """Temperature and routing threshold from the calibration split, reported on the test set."""
-    if trained.calibration is None:
+def _calibrate(config: TrainConfig, trained, data: Prepared, test, out_dir: Path, emit):
+    """Temperature, out-of-scope statistics and routing thresholds; reported on the test set."""
+    if data.calibration is None:
         why = "calibration_split=0" if config.calibration_split <= 0 else "no rows held out"
         emit(f"calibration: off ({why}): raw softmax scores, no routing threshold")
-        return {"fitted": False, "temperature": 1.0, "threshold": None}
-    test, held = trained.test, trained.calibration
-    fitted = cal.calibrate(
-        test.logits, test.class_ids, held.logits, held.class_ids, config.target_accuracy,
-        label_map.labels,
-    )  # fmt: skip
-    result, t = fitted.result, fitted.result["test"]
-    threshold, on_test = result["threshold"], result["routing_test"]
-    emit(
-        f"calibration: temperature {result['temperature']:.4f} fitted on "
-        f"{result['calibration_rows']} held-out rows; "
-        f"test ECE {t['ece_before']:.4f} -> {t['ece_after']:.4f}, "
-        f"NLL {t['nll_before']:.4f} -> {t['nll_after']:.4f}"
+        return None
+    label_map = data.label_map
+    held = _rows(trained, data.calibration, label_map, config.max_length)
+    train_rows = _rows(trained, data.train, label_map, config.max_length)
+    fallback = config.fallback_label
+    options = cal.Options(
+        target=config.target_accuracy,
+        fallback_class=None if fallback is None else label_map.class_ids([fallback])[0],
+        min_rejection=config.out_of_scope_rejection,
+        expected_out_of_scope=config.expected_out_of_scope,
+        channel=data.calibration_channel,
     )
-    if threshold is None:
-        emit(f"routing: no threshold reaches {config.target_accuracy} accuracy on the calibration "
-             "split; nothing would be routed automatically")  # fmt: skip
-    else:
-        accuracy = on_test["accuracy"]
-        emit(
-            f"routing: threshold {threshold:.4f} for accuracy {config.target_accuracy}; on the "
-            f"test set it routes {100 * on_test['coverage']:.1f}% of tickets automatically at "
-            f"{'-' if accuracy is None else f'{100 * accuracy:.2f}%'} accuracy"
-        )
+    fitted = cal.calibrate(train_rows, held, test, options, label_map.labels)
+    result = fitted.result
+    for line in describe_calibration(result):
+        emit(line)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "calibration.json").write_text(json.dumps(result, indent=2) + "\n")
     reports.plot_reliability(
         fitted.test_before, fitted.test_after, test.class_ids, out_dir / "reliability_diagram.png"
     )
     curves = {
-        "calibration split": coverage_curve(fitted.calibration_after, held.class_ids),
-        "test": coverage_curve(fitted.test_after, test.class_ids),
+        result["source"]: coverage_curve(fitted.held_after, held.class_ids, fitted.eligible_held),
+        "test": coverage_curve(fitted.test_after, test.class_ids, fitted.eligible_test),
     }
     reports.plot_coverage(
-        curves, threshold, config.target_accuracy, out_dir / "coverage_accuracy.png"
+        curves, result["threshold"], config.target_accuracy, out_dir / "coverage_accuracy.png"
     )
-    return result
+    if result["meets_target"] is False and config.strict_routing:
+        raise RoutingError(f"{routing_shortfall(result)}; failing because strict_routing is set")
+    return fitted
 
 
 def summary_line(report: reports.Report, data: Prepared) -> str:
@@ -233,11 +248,12 @@ def summary_line(report: reports.Report, data: Prepared) -> str:
 
 def _training_metadata(config, user_set, base, data: Prepared, report, training) -> dict:
     """The training job's metadata blocks, as `compose_metadata` arguments."""
-    # counts of the training channel as written, calibration rows included
+    # counts of the training channel as written, a calibration split included
     train_counts, test_counts = data.train.counts(), data.test.counts()
-    if data.calibration is not None:
-        train_counts += data.calibration.counts()
-    held = len(data.calibration) if data.calibration is not None else 0
+    split = data.calibration if not data.calibration_channel else None
+    if split is not None:
+        train_counts += split.counts()
+    held = len(split) if split is not None else 0
     return {
         "base_model": {"name": base.name, "source": base.source},
         "max_length": config.max_length,
@@ -253,6 +269,11 @@ def _training_metadata(config, user_set, base, data: Prepared, report, training)
                 "rows": len(split) + (held if split is data.train else 0),
                 "normalized_rows": split.normalized_rows,
             }
-            for split in (data.train, data.test)
+            for split in (
+                data.train,
+                data.test,
+                data.calibration if data.calibration_channel else None,
+            )
+            if split is not None
         },
     }

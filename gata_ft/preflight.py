@@ -90,11 +90,21 @@ def export_job(source: Path, output: Path, recipe_name: str, force: bool) -> Rec
 
 
 def prepare_data(config: TrainConfig, paths: JobPaths) -> Prepared:
-    """Read and validate both channels, and hold out the calibration split."""
+    """Read and validate the channels; hold out the calibration split unless a channel is given."""
     train = read_split(paths.train, "train", normalize=config.normalize_text)
     test = read_split(paths.test, "test", normalize=config.normalize_text)
     label_map = LabelMap.from_split(train)
     label_map.check_covers(test)
+    if config.fallback_label is not None and config.fallback_label not in label_map.labels:
+        raise ConfigError(
+            f"fallback_label: expected one of the training labels, found {config.fallback_label}"
+            f", which no row of {train.path} carries. Add a few tickets of the fallback queue "
+            "to the training data, or leave fallback_label unset."
+        )
+    if paths.calibration is not None:
+        channel = read_split(paths.calibration, "calibration", normalize=config.normalize_text)
+        label_map.check_covers(channel)
+        return Prepared(train, test, label_map, channel, calibration_channel=True)
     kept, held = split_for_calibration(train.labels, config.calibration_split, config.seed)
     calibration = train.subset(held, "calibration") if held else None
     return Prepared(train.subset(kept, "train"), test, label_map, calibration)
@@ -106,6 +116,7 @@ def fingerprint(config: TrainConfig, data: Prepared, num_processes: int) -> str:
         {
             "train": data.train.sha256,
             "test": data.test.sha256,
+            "calibration_channel": data.calibration.sha256 if data.calibration_channel else None,
             "labels": list(data.label_map.labels),
             "config": config.to_dict(),
             "num_processes": num_processes,
@@ -214,7 +225,17 @@ def data_warnings(data: Prepared, config: TrainConfig) -> list[str]:
             warnings.append(
                 f"labels with fewer than {MIN_ROWS_PER_CLASS} {purpose}: " + ", ".join(few)
             )
-    if data.calibration is not None:
+    fallback = config.fallback_label
+    if (
+        data.calibration_channel
+        and fallback is not None
+        and fallback not in data.calibration.labels
+    ):
+        warnings.append(
+            f"the calibration channel holds no tickets labelled with the fallback queue "
+            f"{fallback}: the thresholds are fitted as if no traffic were out of scope"
+        )
+    if data.calibration is not None and not data.calibration_channel:
         present = set(data.calibration.labels)
         absent = [str(x) for x in labels if x not in present]
         if absent:

@@ -214,3 +214,89 @@ def plot_coverage(curves: dict[str, Curve], threshold, target: float, path: Path
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _percent(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{100 * value:.{digits}f}%"
+
+
+def describe_calibration(result: dict) -> list[str]:
+    """The lines the job prints about calibration and routing (from the calibration block)."""
+    t, rows = result["test"], result["calibration_rows"]
+    held = f"{rows} held-out rows" if result["source"] == "calibration split" else (
+        f"{rows} rows of the calibration channel"
+    )  # fmt: skip
+    lines = [
+        f"calibration: temperature {result['temperature']:.4f} fitted on {held}; "
+        f"test ECE {t['ece_before']:.4f} -> {t['ece_after']:.4f}, "
+        f"NLL {t['nll_before']:.4f} -> {t['nll_after']:.4f}"
+    ]
+    if t["nll_after"] > t["nll_before"]:
+        lines.append(
+            f"WARNING: temperature scaling made the test NLL worse ({t['nll_before']:.4f} -> "
+            f"{t['nll_after']:.4f}): the {result['source']} does not look like the test tickets "
+            "(another label mix, or tickets no queue owns), so probabilities can be over- or "
+            "under-confident on such traffic"
+        )
+    target, threshold = result["target_accuracy"], result["threshold"]
+    if threshold is None:
+        lines.append(
+            f"routing: no threshold reaches {target} accuracy on the {result['source']}; "
+            "nothing would be routed automatically"
+        )
+        return lines
+    test = result["routing_test"]
+    interval = test["interval"]
+    shown = "" if interval is None else (
+        f" (95% interval {_percent(interval[0])}-{_percent(interval[1])})"
+    )  # fmt: skip
+    lines.append(
+        f"routing: threshold {threshold:.4f} for accuracy {target}{_scope_terms(result)}; on "
+        f"the test set it routes {100 * test['coverage']:.1f}% of tickets automatically at "
+        f"{_percent(test['accuracy'])} accuracy{shown}"
+    )
+    outside = test.get("out_of_scope")
+    if outside and outside["tickets"]:
+        aurocs = ", ".join(
+            f"{name} {outside[f'auroc_{name}']:.3f}"
+            for name in ("distance", "probability")
+            if outside.get(f"auroc_{name}") is not None
+        )
+        lines.append(
+            f"out of scope: {outside['tickets']} test tickets carry the fallback label "
+            f"{result['fallback_label']}; {_percent(outside['routed'], 1)} of them are routed "
+            f"(AUROC of the scores against them: {aurocs})"
+        )
+    if result["meets_target"] is False:
+        lines.append(
+            f"WARNING: {routing_shortfall(result)}. Give the job a calibration channel of "
+            "recent labelled traffic (tickets no queue owns under fallback_label), or set "
+            "expected_out_of_scope to the share of such traffic"
+        )
+    return lines
+
+
+def _scope_terms(result: dict) -> str:
+    scope, assumption = result.get("scope"), result.get("assumption") or {}
+    if not scope or scope["distance_threshold"] is None:
+        return ""
+    terms = (
+        f" and in scope (distance at most {scope['distance_threshold']:.1f}, which rejects "
+        f"{_percent(scope['rejected_in_scope'], 1)} of in-scope held-out tickets"
+    )
+    if "expected_out_of_scope" in assumption:
+        share = assumption["expected_out_of_scope"]
+        terms += f"; assuming {_percent(share, 0)} of traffic out of scope"
+        if share and assumption["out_of_scope_pass_rate"] is not None:
+            terms += f", {_percent(assumption['out_of_scope_pass_rate'], 1)} of it passing"
+    return terms + ")"
+
+
+def routing_shortfall(result: dict) -> str:
+    test = result["routing_test"]
+    low, high = test["interval"]
+    return (
+        f"the routed accuracy on the test set, {_percent(test['accuracy'])} (95% interval "
+        f"{_percent(low)}-{_percent(high)}) on {100 * test['coverage']:.1f}% of tickets, is "
+        f"below the target {result['target_accuracy']}"
+    )

@@ -19,10 +19,11 @@ import numpy as np
 
 from gata_ft import text as text_rules
 from gata_ft.archive import safe_extract
-from gata_ft.artifact import GOLDEN, GRAPHS, RUNTIME_FILES, TOKENIZER, ArtifactInfo
+from gata_ft.artifact import GOLDEN, GRAPHS, RUNTIME_FILES, SCOPE, TOKENIZER, ArtifactInfo
 from gata_ft.errors import ArtifactError, GataError
 from gata_ft.inference import OnnxClassifier
 from gata_ft.metrics import softmax
+from gata_ft.scope import Scope
 
 CHARS_PER_TOKEN_LIMIT = 32  # texts are cut at max_length x this before tokenizing
 
@@ -36,13 +37,18 @@ class Prediction:
     label: int  # the original queue id (Zendesk group id)
     probability: float  # calibrated when the artifact was (metadata calibration)
     top_k: tuple[tuple[int, float], ...] = ()
-    route: bool | None = None  # probability >= the artifact's threshold; None: no threshold
+    route: bool | None = None  # confident, in scope, not the fallback; None: not calibrated
+    out_of_scope: float | None = None  # distance / its threshold: above 1, no queue fits
+    queue: int | None = None  # where to send it: label if routed, else the fallback queue
 
     def to_dict(self) -> dict:
         # Labels as strings: JSON readers in other languages lose digits above 2**53.
         result = {"label": str(self.label), "probability": round(self.probability, 6)}
         if self.route is not None:
             result["route"] = self.route
+            result["queue"] = None if self.queue is None else str(self.queue)
+        if self.out_of_scope is not None:
+            result["out_of_scope"] = round(self.out_of_scope, 4)
         if self.top_k:
             result["top_k"] = [
                 {"label": str(label), "probability": round(p, 6)} for label, p in self.top_k
@@ -69,6 +75,16 @@ class Model:
         self.threshold = info.threshold
         # fitted without a threshold: no probability reached the target, route nothing
         self.routes = info.calibrated
+        self.fallback_label = info.fallback_label
+        self.distance_threshold = info.distance_threshold
+        self.scope = None
+        if info.distance_threshold is not None:
+            if not (self.folder / SCOPE).is_file():
+                raise ArtifactError(
+                    f"{self.folder}: metadata.json names an in-scope threshold, but {SCOPE} "
+                    "with its statistics is missing"
+                )
+            self.scope = Scope.load(self.folder / SCOPE)
         self.normalize = normalize
         self.classifier = OnnxClassifier(
             self.folder / self.graph, self.folder / TOKENIZER, self.max_length, threads
@@ -122,26 +138,39 @@ class Model:
         prepared = [self._prepare(i, t) for i, t in enumerate(texts)]
         if not prepared:
             return []
-        probabilities = softmax(self.classifier.logits(prepared, batch_size))
+        logits, features = self.classifier.scores(prepared, batch_size)
+        probabilities = softmax(logits)
+        distances = [None] * len(prepared)
+        if self.scope is not None and features is not None:
+            distances = (self.scope.distance(features) / self.distance_threshold).tolist()
         k = min(top_k, len(self.labels))
         results = []
-        for row in probabilities:
+        for row, distance in zip(probabilities, distances, strict=True):
             best = int(row.argmax())
             ranked = np.argsort(row)[::-1][:k] if k else []
+            label = self.labels[best]
+            route = self._route(float(row[best]), label, distance)
             results.append(
                 Prediction(
-                    self.labels[best],
+                    label,
                     float(row[best]),
                     tuple((self.labels[int(j)], float(row[j])) for j in ranked),
-                    self._route(float(row[best])),
+                    route,
+                    distance,
+                    label if route else self.fallback_label,
                 )
             )
         return results
 
-    def _route(self, probability: float) -> bool | None:
+    def _route(self, probability: float, label: int, out_of_scope: float | None) -> bool | None:
         if not self.routes:
             return None
-        return self.threshold is not None and probability >= self.threshold
+        return (
+            self.threshold is not None
+            and probability >= self.threshold
+            and label != self.fallback_label
+            and (out_of_scope is None or out_of_scope <= 1.0)
+        )
 
     def _prepare(self, index: int, value: object) -> str:
         if not isinstance(value, str):

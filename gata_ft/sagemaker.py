@@ -13,6 +13,8 @@ from gata_ft.errors import ConfigError
 ENV_DEFAULTS = {
     "SM_CHANNEL_TRAIN": "/opt/ml/input/data/train",
     "SM_CHANNEL_TEST": "/opt/ml/input/data/test",
+    # optional: labelled recent traffic for calibration (used when the folder exists)
+    "SM_CHANNEL_CALIBRATION": "/opt/ml/input/data/calibration",
     "SM_MODEL_DIR": "/opt/ml/model",
     "SM_OUTPUT_DATA_DIR": "/opt/ml/output/data",
     "SM_OUTPUT_DIR": "/opt/ml/output",
@@ -35,6 +37,7 @@ class JobPaths:
     checkpoint_dir: Path
     failure_file: Path
     hyperparameters_file: Path
+    calibration: Path | None = None  # the optional calibration channel
 
     @property
     def artifact(self) -> Path:
@@ -56,9 +59,18 @@ def job_paths(env: Mapping[str, str] | None = None, **overrides: Path | str | No
         "checkpoint_dir": _env(env, "GATA_CHECKPOINT_DIR"),
         "failure_file": _env(env, "SM_OUTPUT_DIR") / "failure",
         "hyperparameters_file": _env(env, "SM_INPUT_CONFIG_DIR") / "hyperparameters.json",
+        "calibration": _calibration_channel(env),
     }
     paths.update({k: Path(v) for k, v in overrides.items() if v is not None})
     return JobPaths(**paths)
+
+
+def _calibration_channel(env: Mapping[str, str]) -> Path | None:
+    """SM_CHANNEL_CALIBRATION when set (it must exist then), else its default folder if present."""
+    if env.get("SM_CHANNEL_CALIBRATION"):
+        return Path(env["SM_CHANNEL_CALIBRATION"])
+    default = Path(ENV_DEFAULTS["SM_CHANNEL_CALIBRATION"])
+    return default if default.is_dir() else None
 
 
 def read_hyperparameters(path: Path) -> dict[str, object]:

@@ -8,7 +8,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from transformers import (
     AutoModelForSequenceClassification,
@@ -33,22 +32,11 @@ log = logging.getLogger("gata_ft")
 
 
 @dataclass(frozen=True)
-class Predictions:
-    """Logits of one split, with the class ids in the same (evaluation) order."""
-
-    logits: np.ndarray
-    class_ids: np.ndarray
-    loss: float | None = None
-
-
-@dataclass(frozen=True)
 class Trained:
-    """The fine-tuned model (best checkpoint loaded) and what the report needs."""
+    """The fine-tuned model (best checkpoint loaded) and how the run went."""
 
     model: object
     tokenizer: object
-    test: Predictions
-    calibration: Predictions | None
     training: dict  # the metadata block, less the run time
     epoch: float
     train_loss: float
@@ -110,14 +98,7 @@ def run(
             f"{checkpoint_dir}; a restarted job resumes from it"
         )
 
-    # The best checkpoint is loaded now (load_best_model_at_end); evaluate it once more
-    # for the full report. label_ids, not test_ds["labels"]: with group_by_length the
-    # Trainer evaluates in length-sorted order, and returns labels in that order.
-    test = trainer.predict(test_ds, metric_key_prefix="eval")
-    calibration = None
-    if data.calibration is not None:
-        calibration_ds = tokenize(data.calibration, label_map, tokenizer, config.max_length)
-        calibration = trainer.predict(calibration_ds, metric_key_prefix="calibration")
+    # The best checkpoint is loaded now (load_best_model_at_end); the other ranks are done.
     if not is_main_process():
         return None
     training = {
@@ -133,10 +114,6 @@ def run(
     return Trained(
         model=trainer.model,
         tokenizer=tokenizer,
-        test=Predictions(test.predictions, test.label_ids, test.metrics["eval_loss"]),
-        calibration=(
-            Predictions(calibration.predictions, calibration.label_ids) if calibration else None
-        ),
         training=training,
         epoch=trainer.state.epoch,
         train_loss=output.training_loss,

@@ -9,18 +9,21 @@ is only read; tarballs are extracted with `archive.safe_extract`.
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from gata_ft.archive import safe_extract, sha256_file
-from gata_ft.artifact import METADATA, TOKENIZER, label_entries
+from gata_ft.artifact import METADATA, SCOPE, TOKENIZER, ArtifactInfo, label_entries
 from gata_ft.data import LabelMap
 from gata_ft.errors import ArtifactError
+from gata_ft.scope import RoutingRule, Scope
 
 OLD_JOB_MAX_LENGTH = 512  # gata-finetune padded and truncated every ticket to 512 tokens
 # Metadata that a gata-ft artifact carries over into its upgrade unchanged.
-CARRIED = ("base_model", "text", "hyperparameters", "training", "metrics", "data")
+# The temperature is in the weights and scope.npz is copied: the calibration block still holds.
+CARRIED = ("base_model", "text", "hyperparameters", "training", "metrics", "data", "calibration")
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,19 @@ def normalize_checkpoint(source: Source, content: Path) -> None:
         raise ArtifactError(
             f"{source.folder}: no fast tokenizer (tokenizer.json) could be made for this model"
         )
+
+
+def carried_routing(source: Source, content: Path) -> tuple[RoutingRule, Scope] | None:
+    """A gata-ft source's routing rule and out-of-scope statistics, copied into `content`."""
+    if source.kind != "gata-ft" or not (source.folder / SCOPE).is_file():
+        return None
+    shutil.copy2(source.folder / SCOPE, content / SCOPE)
+    info = ArtifactInfo.of(source.metadata, source.folder)
+    fallback = None
+    if info.fallback_label is not None:
+        fallback = source.label_map.class_ids([info.fallback_label])[0]
+    rule = RoutingRule(info.threshold, info.distance_threshold, fallback)
+    return rule, Scope.load(content / SCOPE)
 
 
 def carried_metadata(source: Source, test_counts: Counter | None) -> dict:

@@ -55,3 +55,109 @@ def test_calibration_split_is_stratified_seeded_and_spares_tiny_classes():
     assert cal.split_for_calibration(labels, 0.1, seed=7) == (train, held)
     assert cal.split_for_calibration(labels, 0.1, seed=8) != (train, held)
     assert cal.split_for_calibration(labels, 0.0, seed=7) == (list(range(len(labels))), [])
+
+
+def traffic(rng, n_in=600, n_out=150, far=6.0):
+    """Confident in-scope tickets near their queue and out-of-scope ones, labelled fallback (2).
+
+    Queue 0 and 1 are in scope; out-of-scope tickets are predicted as queue 0 or 1
+    with the same confidences, but lie `far` from every queue.
+    """
+    labels = np.r_[rng.integers(0, 2, n_in), np.full(n_out, 2)]
+    top = np.r_[rng.uniform(0.6, 1.0, n_in), rng.uniform(0.6, 1.0, n_out)]
+    right = rng.random(n_in) < top[:n_in]  # calibrated: right with its probability
+    predicted = np.r_[np.where(right, labels[:n_in], 1 - labels[:n_in]), rng.integers(0, 2, n_out)]
+    probabilities = np.full((n_in + n_out, 3), 0.0)
+    probabilities[np.arange(n_in + n_out), predicted] = top
+    probabilities[np.arange(n_in + n_out), np.where(predicted == 0, 1, 0)] = 1 - top
+    distances = np.r_[rng.gamma(2.0, 1.0, n_in), far + rng.gamma(2.0, 1.0, n_out)]
+    return probabilities, labels, distances
+
+
+def test_a_channel_with_out_of_scope_traffic_gets_a_distance_threshold():
+    rng = np.random.default_rng(0)
+    probabilities, labels, distances = traffic(rng)
+    scoped = cal.choose_thresholds(probabilities, labels, 0.9, distances=distances,
+                                   fallback_class=2)  # fmt: skip
+    blind = cal.choose_thresholds(probabilities, labels, 0.9)
+    assert scoped.threshold is not None
+    assert scoped.distance_threshold < 6.0 + 0.5  # the far tickets are cut off
+    assert scoped.coverage > blind.coverage  # confidence alone must give up more tickets
+    routed = cal.RoutingRule(scoped.threshold, scoped.distance_threshold, 2).route(
+        probabilities, distances
+    )
+    correct = probabilities.argmax(-1) == labels
+    assert correct[routed].mean() >= 0.9
+
+
+def test_the_assumed_out_of_scope_share_costs_coverage_as_leave_one_out_says():
+    rng = np.random.default_rng(1)
+    probabilities, labels, distances = traffic(rng, n_out=0)
+    near = np.full(200, 0.5)  # out-of-scope tickets as close as in-scope ones: nothing helps
+    far = np.full(200, 50.0)  # ... or far from every queue: the distance keeps them out
+    kwargs = {"distances": distances, "fallback_class": 2, "min_rejection": 0.01}
+    none = cal.choose_thresholds(probabilities, labels, 0.9, **kwargs, out_of_scope_share=0.0)
+    with_far = cal.choose_thresholds(probabilities, labels, 0.9, **kwargs,
+                                     out_of_scope_share=0.3, leave_one_out=far)  # fmt: skip
+    with_near = cal.choose_thresholds(probabilities, labels, 0.9, **kwargs,
+                                      out_of_scope_share=0.3, leave_one_out=near)  # fmt: skip
+    assert none.coverage >= with_far.coverage > with_near.coverage
+    # 30% of traffic routed wrongly whenever in scope: 0.9 needs a high threshold or none
+    assert with_near.threshold is None or with_near.threshold > none.threshold
+
+
+def rows_for(probabilities, labels, distances):
+    logits = np.log(np.clip(probabilities, 1e-9, 1))
+    features = np.c_[distances, np.zeros(len(distances))]  # distance along one axis
+    return cal.Rows(logits, labels, features)
+
+
+def test_thresholds_never_read_the_test_set():
+    rng = np.random.default_rng(2)
+    train = rows_for(*traffic(rng, n_out=0))
+    held = rows_for(*traffic(rng))
+    test = rows_for(*traffic(rng))
+    options = cal.Options(target=0.9, fallback_class=2, min_rejection=0.01, channel=True)
+    first = cal.calibrate(train, held, test, options, [10, 11, 12])
+    scrambled = cal.Rows(test.logits[::-1], rng.permutation(test.class_ids), test.features * 3)
+    second = cal.calibrate(train, held, scrambled, options, [10, 11, 12])
+    assert first.rule == second.rule
+    assert first.result["temperature"] == second.result["temperature"]
+    assert first.result["routing_test"] != second.result["routing_test"]
+
+
+def test_a_missed_target_is_reported_and_warned_about():
+    from gata_ft.reports import describe_calibration, routing_shortfall
+
+    rng = np.random.default_rng(3)
+    train = rows_for(*traffic(rng, n_out=0))
+    held = rows_for(*traffic(rng))
+    p, y, d = traffic(rng)
+    wrong = cal.Rows(np.log(np.clip(p, 1e-9, 1)), (y + 1) % 2, np.c_[d, np.zeros(len(d))])
+    options = cal.Options(target=0.9, fallback_class=2, channel=True)
+    result = cal.calibrate(train, held, wrong, options, [10, 11, 12]).result
+    assert result["meets_target"] is False
+    _, high = result["routing_test"]["interval"]
+    assert high < 0.9
+    lines = describe_calibration(result)
+    assert lines[-1].startswith(f"WARNING: {routing_shortfall(result)}. Give the job")
+    assert routing_shortfall(result).startswith("the routed accuracy on the test set, ")
+
+
+def test_a_worse_test_nll_after_scaling_is_warned_about():
+    from gata_ft.reports import describe_calibration
+
+    result = {
+        "source": "calibration split",
+        "calibration_rows": 80,
+        "temperature": 0.46,
+        "test": {"ece_before": 0.3, "ece_after": 0.05, "nll_before": 1.393, "nll_after": 1.455},
+        "target_accuracy": 0.95,
+        "threshold": None,
+    }
+    lines = describe_calibration(result)
+    assert lines[1] == (
+        "WARNING: temperature scaling made the test NLL worse (1.3930 -> 1.4550): the "
+        "calibration split does not look like the test tickets (another label mix, or tickets "
+        "no queue owns), so probabilities can be over- or under-confident on such traffic"
+    )

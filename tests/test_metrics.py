@@ -40,9 +40,20 @@ def test_coverage_curve_on_a_hand_case():
     assert curve.thresholds.tolist() == [0.9, 0.8, 0.7]
     assert curve.coverage.tolist() == [0.25, 0.75, 1.0]
     assert curve.accuracy.tolist() == pytest.approx([1.0, 2 / 3, 0.75])
-    report = metrics.routing_report(probs, [0, 1, 0, 1], 0.8, ["a", "b"])
+    routed = probs.max(-1) >= 0.8
+    correct = probs.argmax(-1) == np.array([0, 1, 0, 1])
+    report = metrics.routing_report(routed, correct, [0, 1, 0, 1], ["a", "b"])
     assert (report["coverage"], report["accuracy"]) == (0.75, pytest.approx(2 / 3))
-    assert report["per_class"]["b"] == {"tickets": 2, "coverage": 0.5, "accuracy": 0.0}
+    assert report["per_class"]["b"] == {
+        "tickets": 2,
+        "coverage": 0.5,
+        "accuracy": 0.0,
+        "interval": [0.0, pytest.approx(0.975)],  # 0 of 1: the upper bound is 0.975
+    }
+    eligible = np.array([True, False, True, True])
+    curve = metrics.coverage_curve(probs, [0, 1, 0, 1], eligible)
+    assert curve.coverage.tolist() == [0.25, 0.5, 0.75]  # a share of all four tickets
+    assert curve.accuracy.tolist() == [1.0, 1.0, 1.0]  # the wrong ticket was not eligible
 
 
 def test_scores_equal_scikit_learn_on_random_cases():

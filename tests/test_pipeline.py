@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import tiny_options, write_hyperparameters
+from conftest import tiny_options, write_hyperparameters, write_rows
 from test_export_parity import impossible_recipe
 from transformers import TrainerCallback
 
@@ -331,8 +331,10 @@ def test_training_job_calibrates_and_the_runtime_applies_it(tmp_path, sm_env, ti
     threshold = calibration["threshold"]
     if threshold is None:
         assert all(p.route is False for p in predictions)
-    else:
-        assert [p.route for p in predictions] == [p.probability >= threshold for p in predictions]
+    else:  # confident and in scope (no fallback queue here)
+        assert [p.route for p in predictions] == [
+            p.probability >= threshold and p.out_of_scope <= 1 for p in predictions
+        ]
 
 
 def test_strict_parity_in_the_training_job(sm_env, tiny_hyperparameters, tmp_path):
@@ -351,3 +353,114 @@ def test_strict_parity_in_the_training_job(sm_env, tiny_hyperparameters, tmp_pat
         in (sm_env["SM_OUTPUT_DIR"] / "failure").read_text()
     )
     assert list(sm_env["SM_MODEL_DIR"].iterdir()) == []
+
+
+def rotated(rows, labels):
+    """The same texts under the next queue's label: a model that learnt them is always wrong."""
+    following = dict(zip(labels, labels[1:] + labels[:1], strict=True))
+    return [{"label": following[r["label"]], "text": r["text"]} for r in rows]
+
+
+@pytest.fixture
+def learnable(sm_env, tiny_hyperparameters):
+    """40 training tickets a queue, and options the tiny model learns them with."""
+    write_example(sm_env["SM_CHANNEL_TRAIN"].parent, train_per_queue=40, test_per_queue=10)
+    hyper = {**tiny_hyperparameters, "calibration_split": "0.25", "target_accuracy": "0.5"}
+    return hyper | {"num_train_epochs": "8", "learning_rate": "0.005"}
+
+
+def test_a_missed_routing_target_warns_and_fails_with_strict_routing(sm_env, learnable):
+    hyper = learnable
+    test_file = sm_env["SM_CHANNEL_TEST"] / "data.json"
+    rows = [json.loads(line) for line in test_file.open()]
+    test_file.write_text("".join(json.dumps(r) + "\n" for r in rotated(rows, sorted(QUEUES))))
+    write_hyperparameters(sm_env, hyper)
+    result = train()
+    assert result.exit_code == 0, result.output
+    metadata = verify_tarball(sm_env["SM_MODEL_DIR"] / "model.tar.gz")
+    calibration = metadata["calibration"]
+    assert calibration["threshold"] is not None  # the calibration split came from training rows
+    assert calibration["meets_target"] is False
+    assert calibration["routing_test"]["interval"][1] < 0.5
+    assert "WARNING: the routed accuracy on the test set, " in result.stdout
+
+    write_hyperparameters(sm_env, {**hyper, "strict_routing": "true"})
+    result = CliRunner().invoke(
+        cli, ["train", "--checkpoint-dir", str(sm_env["SM_MODEL_DIR"].parent / "ck2")]
+    )
+    (sm_env["SM_MODEL_DIR"] / "model.tar.gz").unlink(missing_ok=True)
+    assert result.exit_code == 1
+    failure = (sm_env["SM_OUTPUT_DIR"] / "failure").read_text()
+    assert failure.startswith("the routed accuracy on the test set, ")
+    assert failure.rstrip().endswith("failing because strict_routing is set")
+
+
+def test_a_calibration_channel_and_a_fallback_queue(tmp_path, sm_env, learnable):
+    fallback = sorted(QUEUES)[0]
+    channel = tmp_path / "channel"
+    test_rows = [json.loads(line) for line in (sm_env["SM_CHANNEL_TEST"] / "data.json").open()]
+    write_rows(channel, test_rows[::2])
+    write_hyperparameters(sm_env, {**learnable, "fallback_label": str(fallback)})
+    result = train(["--calibration", str(channel)])
+    assert result.exit_code == 0, result.output
+    assert "rows of the calibration channel; test ECE" in result.stdout
+    metadata = verify_tarball(sm_env["SM_MODEL_DIR"] / "model.tar.gz")
+    calibration = metadata["calibration"]
+    assert calibration["source"] == "calibration channel"
+    assert calibration["calibration_rows"] == len(test_rows[::2])
+    assert calibration["fallback_label"] == fallback
+    assert metadata["data"]["train"]["rows"] == 400  # no split held out: all rows train
+    assert metadata["data"]["calibration"]["rows"] == len(test_rows[::2])
+    assert "scope.npz" in metadata["files"]
+    scope = calibration["scope"]
+    assert scope["queues"] == len(QUEUES) - 1  # the fallback queue has no mean
+    assert scope["distance_threshold"] > 0
+
+    from gata_ft.inference import OnnxClassifier
+    from gata_ft.runtime import Model
+    from gata_ft.scope import Scope
+
+    folder = tmp_path / "model"
+    safe_extract(sm_env["SM_MODEL_DIR"] / "model.tar.gz", folder)
+    model = Model.load(folder, verify_golden=True)
+    texts = [r["text"] for r in test_rows]
+    predictions = model.predict(texts, batch_size=1)
+    graph = OnnxClassifier(folder / model.graph, folder / "tokenizer.json", 64)
+    features = np.concatenate([graph.scores([t])[1] for t in texts])
+    distance = Scope.load(folder / "scope.npz").distance(features) / scope["distance_threshold"]
+    np.testing.assert_allclose([p.out_of_scope for p in predictions], distance, rtol=1e-4)
+    threshold = calibration["threshold"]
+    for p in predictions:
+        routed = threshold is not None and p.probability >= threshold
+        routed = routed and p.label != fallback and p.out_of_scope <= 1
+        assert p.route == routed
+        assert p.queue == (p.label if routed else fallback)
+    assert any(p.label == fallback and not p.route for p in predictions)
+
+    # loaders that read only logits keep working beside the features output
+    from optimum.onnxruntime import ORTModelForSequenceClassification
+    from transformers import AutoTokenizer, pipeline
+
+    ort = ORTModelForSequenceClassification.from_pretrained(
+        folder / "onnx", file_name="model_quantized.onnx"
+    )
+    tokenizer = AutoTokenizer.from_pretrained(folder / "onnx")
+    batch = tokenizer([texts[0]], return_tensors="np")
+    np.testing.assert_allclose(
+        ort(**batch).logits.numpy()
+        if hasattr(ort(**batch).logits, "numpy")
+        else ort(**batch).logits,
+        graph.scores([texts[0]])[0],
+        atol=1e-5,
+    )
+    classify = pipeline("text-classification", model=ort, tokenizer=tokenizer)
+    assert classify(texts[0])[0]["label"] == str(predictions[0].label)
+
+
+def test_a_fallback_label_must_be_a_training_label(sm_env, tiny_hyperparameters):
+    write_hyperparameters(sm_env, {**tiny_hyperparameters, "fallback_label": "12345"})
+    result = train()
+    assert result.exit_code == 1
+    assert result.stderr.startswith(
+        "Error: fallback_label: expected one of the training labels, found 12345, which no row "
+    )

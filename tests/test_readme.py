@@ -7,7 +7,7 @@ from pathlib import Path
 
 from conftest import REPO
 
-from gata_ft.config import OPTIONS, option_kind
+from gata_ft.config import OPTIONS, option_kind, shown_default
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
 
@@ -15,14 +15,7 @@ README = (REPO / "README.md").read_text(encoding="utf-8")
 def test_hyperparameter_table_lists_every_option_with_its_default_and_help():
     rows = dict(re.findall(r"^\| `(\w+)` \| (\w+ \| `[^`]*` \| .*) \|$", README, re.MULTILINE))
     for name, field in OPTIONS.items():
-        default = field.default
-        shown = (
-            "auto"
-            if default is None
-            else str(default).lower()
-            if isinstance(default, bool)
-            else default
-        )
+        shown = shown_default(name)  # "auto" for fp16, "none" for fallback_label
         assert (
             rows.get(name) == f"{option_kind(name).__name__} | `{shown}` | {field.metadata['help']}"
         ), name

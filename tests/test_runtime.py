@@ -45,7 +45,7 @@ def test_predict_returns_queue_ids_and_top_k(model):
         assert p.top_k[0] == (p.label, p.probability)
         assert p.top_k[0][1] >= p.top_k[1][1] >= p.top_k[2][1]
     data = predictions[0].to_dict()
-    assert set(data) == {"label", "probability", "top_k", "route"}
+    assert set(data) == {"label", "probability", "top_k", "route", "queue", "out_of_scope"}
     assert data["label"] == str(predictions[0].label)
 
 

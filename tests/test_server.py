@@ -75,7 +75,7 @@ def test_server_round_trip(server, model):
     assert status == 200
     expected = model.predict([FIXED[0]])[0]
     assert body == {"prediction": expected.to_dict()}
-    assert set(body["prediction"]) == {"label", "probability", "route"}
+    assert set(body["prediction"]) == {"label", "probability", "route", "queue", "out_of_scope"}
     status, body = post(server, json.dumps({"texts": FIXED[:3], "top_k": 2}).encode())
     assert status == 200
     assert len(body["predictions"]) == 3

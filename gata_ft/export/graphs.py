@@ -10,7 +10,13 @@ from pathlib import Path
 
 from gata_ft.artifact import FP32_GRAPH, INT8_GRAPH, ONNX_DIR, RECIPE
 from gata_ft.export.golden import golden_texts, write_golden
-from gata_ft.export.onnx import SIDE_FILES, export_fp32, optimize, quantize
+from gata_ft.export.onnx import (
+    SIDE_FILES,
+    add_features_output,
+    export_fp32,
+    optimize,
+    quantize,
+)
 from gata_ft.export.parity import EvalSet, GateInputs, excluded_nodes, gate, variant_record
 from gata_ft.export.recipe import Recipe
 
@@ -33,6 +39,7 @@ def add_onnx(
     with tempfile.TemporaryDirectory(prefix="gata-ft-onnx-") as scratch:
         work = Path(scratch)
         exported = export_fp32(content, work / "fp32", recipe.opset)
+        add_features_output(exported)  # before fusion and int8: both graphs carry it
         onnx_dir.mkdir()
         shutil.copy2(exported, content / FP32_GRAPH)
         for name in SIDE_FILES:

@@ -13,6 +13,7 @@ import numpy as np
 
 from gata_ft.errors import ExportError
 from gata_ft.export.recipe import Variant
+from gata_ft.inference import FEATURES
 
 log = logging.getLogger("gata_ft")
 # Files Optimum writes beside the graph that a loader of onnx/ needs.
@@ -48,6 +49,41 @@ def export_fp32(checkpoint: Path, onnx_dir: Path, opset: int) -> Path:
     except Exception as e:  # Optimum raises ValueError/AtolError/OSError subclasses
         raise ExportError(f"ONNX export of {checkpoint} failed: {type(e).__name__}: {e}") from e
     return onnx_dir / "model.onnx"
+
+
+def add_features_output(graph: Path) -> int:
+    """Expose the classifier's input (BERT: the pooler output) as a second output, `features`.
+
+    Appended after `logits`, so loaders that read outputs by name or take the
+    first one (ORTModelForSequenceClassification, pipeline) see no change; the
+    dimension names match `logits` (io-binding needs them). Returns the width.
+    """
+    import onnx
+
+    model = onnx.load(str(graph))
+    producer = next((n for n in model.graph.node if "logits" in n.output), None)
+    weights = {t.name: t for t in model.graph.initializer}
+    if producer is None or producer.op_type not in ("Gemm", "MatMul"):
+        raise ExportError(
+            f"{graph}: expected the logits to come from a Gemm or MatMul (the classifier), "
+            f"found {producer.op_type if producer else 'no node'}"
+        )
+    weight = weights.get(producer.input[1])
+    trans_b = any(a.name == "transB" and a.i == 1 for a in producer.attribute)
+    if weight is None:
+        raise ExportError(f"{graph}: the classifier's weight {producer.input[1]} is not stored")
+    width = weight.dims[1] if trans_b else weight.dims[0]
+    logits = next(o for o in model.graph.output if o.name == "logits")
+    batch = logits.type.tensor_type.shape.dim[0]
+    batch_dim = batch.dim_param or batch.dim_value
+    model.graph.node.append(
+        onnx.helper.make_node("Identity", [producer.input[0]], [FEATURES], name="gata_ft_features")
+    )
+    model.graph.output.append(
+        onnx.helper.make_tensor_value_info(FEATURES, onnx.TensorProto.FLOAT, [batch_dim, width])
+    )
+    onnx.save(model, str(graph))
+    return int(width)
 
 
 def optimize(onnx_dir: Path, level: int, work: Path, fuse_attention: bool = True) -> Path:

@@ -15,9 +15,10 @@ from gata_ft.errors import ExportError
 from gata_ft.export.golden import golden_texts
 from gata_ft.export.onnx import most_sensitive_nodes, node_names, quantize
 from gata_ft.export.recipe import Recipe, Thresholds, Variant
-from gata_ft.export.reference import onnx_logits, torch_logits
+from gata_ft.export.reference import onnx_scores, torch_scores
 from gata_ft.inference import OnnxClassifier
-from gata_ft.metrics import Scores
+from gata_ft.metrics import Scores, softmax
+from gata_ft.scope import RoutingRule, Scope
 
 log = logging.getLogger("gata_ft")
 SLACK = 1e-9  # 2 of 40 tickets is 5 points, not 5.000000000000004
@@ -30,6 +31,7 @@ class EvalSet:
     texts: list[str]
     class_ids: list[int]
     labels: tuple[int, ...]  # original label of each class id
+    routing: tuple[RoutingRule, Scope] | None = None  # int8 must route as fp32 does
 
 
 def gate_failures(reference: Scores, candidate: Scores, limits: Thresholds, labels) -> list[str]:
@@ -73,6 +75,7 @@ class Attempt:
     scores: dict
     agreement: float
     failures: list[str]
+    route_agreement: float | None = None  # same routing decision and queue as PyTorch fp32
 
     @property
     def passed(self) -> bool:
@@ -93,6 +96,17 @@ class GateInputs:
     @property
     def tokenizer_file(self) -> Path:
         return self.content / TOKENIZER
+
+
+def route_actions(logits, features, routing) -> np.ndarray | None:
+    """What the router does with each ticket: the class it routes to, or -1 (not routed)."""
+    if routing is None:
+        return None
+    rule, scope = routing
+    probabilities = softmax(np.asarray(logits, dtype=np.float64))
+    distances = scope.distance(features) if features is not None else None
+    routed = rule.route(probabilities, distances)
+    return np.where(routed, probabilities.argmax(-1), -1)
 
 
 def variant_record(variant: Variant, excluded: list[str]) -> dict:
@@ -122,12 +136,15 @@ def gate(inputs: GateInputs, strict: bool, emit: Callable[[str], None]):
     evaluation, recipe = inputs.evaluation, inputs.recipe
     truth = np.asarray(evaluation.class_ids)
     n = len(evaluation.labels)
-    reference_logits = torch_logits(inputs.content, evaluation.texts, inputs.max_length)
+    reference_logits, reference_features = torch_scores(
+        inputs.content, evaluation.texts, inputs.max_length
+    )
     reference_pred = reference_logits.argmax(-1)
     reference = Scores.of(reference_pred, truth, n)
-    fp32_pred = onnx_logits(
+    reference_actions = route_actions(reference_logits, reference_features, evaluation.routing)
+    fp32_pred = onnx_scores(
         inputs.content / FP32_GRAPH, inputs.tokenizer_file, evaluation.texts, inputs.max_length
-    ).argmax(-1)
+    )[0].argmax(-1)
     fp32 = Scores.of(fp32_pred, truth, n)
     fp32_agreement = float((fp32_pred == reference_pred).mean())
     if fp32_agreement < 0.999:
@@ -145,12 +162,21 @@ def gate(inputs: GateInputs, strict: bool, emit: Callable[[str], None]):
     for i, variant in enumerate(recipe.variants):
         excluded = excluded_nodes(variant, inputs.source, inputs.work / f"probe{i}", sample)
         graphs.append(quantize(inputs.source, variant, excluded, inputs.work / f"int8-{i}"))
-        logits = onnx_logits(
+        logits, features = onnx_scores(
             graphs[-1], inputs.tokenizer_file, evaluation.texts, inputs.max_length, 1
         )
         pred = logits.argmax(-1)
         scores = Scores.of(pred, truth, n)
         failures = gate_failures(reference, scores, recipe.parity, evaluation.labels)
+        route_agreement = None
+        if reference_actions is not None:
+            actions = route_actions(logits, features, evaluation.routing)
+            route_agreement = float((actions == reference_actions).mean())
+            if route_agreement < recipe.parity.min_route_agreement - SLACK:
+                failures.append(
+                    f"routes {100 * route_agreement:.2f}% of tickets as PyTorch fp32 does "
+                    f"(limit {100 * recipe.parity.min_route_agreement:.1f}%)"
+                )
         attempt = Attempt(
             variant.label,
             variant_record(variant, excluded),
@@ -158,9 +184,12 @@ def gate(inputs: GateInputs, strict: bool, emit: Callable[[str], None]):
             _scores_dict(scores, evaluation.labels),
             float((pred == reference_pred).mean()),
             failures,
+            route_agreement,
         )
         attempts.append(attempt)
         verdict = "passes" if attempt.passed else "fails: " + "; ".join(failures)
+        if route_agreement is not None:
+            verdict = f"routes {100 * route_agreement:.2f}% alike, {verdict}"
         rows.append((f"ONNX int8 ({variant.label})", scores, attempt.agreement, verdict))
         if attempt.passed:
             break

@@ -33,6 +33,7 @@ class Thresholds:
     max_macro_f1_drop: float = 1.0
     max_class_recall_drop: float = 5.0
     min_class_support: int = 20
+    min_route_agreement: float = 0.98  # share of tickets routed (or not) as by PyTorch fp32
 
 
 # name -> (type, what is expected, required); the one description of a recipe file.
@@ -59,12 +60,14 @@ _PARITY = {
     "max_macro_f1_drop": (float, "a number of percentage points", False),
     "max_class_recall_drop": (float, "a number of percentage points", False),
     "min_class_support": (int, "a number of test tickets, 1 or more", False),
+    "min_route_agreement": (float, "a share of test tickets, from 0 to 1", False),
 }
 _RANGES = {
     "opset": (14, 21),
     "optimization_level": (0, 2),
     "exclude_most_sensitive": (0, 10_000),
     "min_class_support": (1, 10**9),
+    "min_route_agreement": (0, 1),
 }
 
 
