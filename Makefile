@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= build/demo
 
-.PHONY: demo test test-fast lint lint-container format install clean bench-epoch bench-banking77 bench-export bench-runtime bench-calibration bench-routing container-smoke
+.PHONY: demo test test-fast lint lint-container format install clean bench-epoch bench-banking77 bench-export bench-runtime bench-calibration bench-routing bench-validation container-smoke
 
 install: $(VENV)/.installed
 
@@ -82,3 +82,6 @@ bench-calibration: install
 
 bench-routing: install
 	$(BIN)/python bench/routing.py
+
+bench-validation: install
+	$(BIN)/python bench/validation.py

@@ -221,7 +221,8 @@ def analyse(name: str, data: Path, artifact: Path, channel: bool, held_texts, he
         policies = [("max-softmax (before)", msp, False, None)]
         if channel:
             policies.append(("confident + in scope, calibration channel", cal.choose_thresholds(
-                hp, hy, target, distances=hd, fallback_class=fallback, min_rejection=0.01),
+                hp, hy, target, distances=hd, fallback_class=fallback, min_rejection=0.01,
+                confidence=cal.CHANNEL_CONFIDENCE),
                 True, None))  # fmt: skip
         else:
             for assumed in (0.0, round(share, 2)):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from gata_ft.errors import ArtifactError
+from gata_ft.files import atomic_path
 
 
 def sha256_file(path: Path) -> str:
@@ -36,20 +37,13 @@ def pack(content: Path, destination: Path) -> Path:
     Readers never see a partial tarball: it is written beside the destination,
     flushed to disk and renamed.
     """
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    partial = destination.with_name(f".{destination.name}.partial-{os.getpid()}")
-    try:
-        with partial.open("wb") as raw:
-            # compresslevel 1: weights barely compress, and level 9 costs minutes on bert-base.
-            with tarfile.open(fileobj=raw, mode="w:gz", compresslevel=1) as tar:
-                for path in sorted(p for p in content.rglob("*") if p.is_file()):
-                    _add(tar, path, path.relative_to(content).as_posix())
-            raw.flush()
-            os.fsync(raw.fileno())
-        partial.replace(destination)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+    with atomic_path(destination) as partial, partial.open("wb") as raw:
+        # compresslevel 1: weights barely compress, and level 9 costs minutes on bert-base.
+        with tarfile.open(fileobj=raw, mode="w:gz", compresslevel=1) as tar:
+            for path in sorted(p for p in content.rglob("*") if p.is_file()):
+                _add(tar, path, path.relative_to(content).as_posix())
+        raw.flush()
+        os.fsync(raw.fileno())
     _fsync_dir(destination.parent)
     return destination
 

@@ -20,6 +20,9 @@ from gata_ft.scope import FEATURE, METHOD, RoutingRule, Scope
 from gata_ft.scope import VERSION as SCOPE_VERSION
 
 REJECTION_STEPS = 13  # candidate distance thresholds: every 5% of in-scope rejection
+# With a channel the search picks among many (distance, probability) pairs on traffic whose
+# figures are noisy (out-of-scope tickets, few per queue): a stricter bound offsets that.
+CHANNEL_CONFIDENCE = 0.95
 THRESHOLD_CONFIDENCE = 0.9  # the threshold's accuracy holds with this confidence
 MIN_ROWS_TO_HOLD_OUT = 5  # a class with fewer training rows gives none to calibration
 APPLIED = "folded into the classifier's weights: every graph outputs calibrated logits"
@@ -227,6 +230,7 @@ def calibrate(
     test_distance = scope.distance(test.features) if scope else None
     held_in_scope = held.class_ids != fallback if fallback is not None else None
     share, loo = None, None
+    confidence = CHANNEL_CONFIDENCE if options.channel else THRESHOLD_CONFIDENCE
     if not options.channel:
         share = options.expected_out_of_scope
         if scope is not None:
@@ -235,7 +239,7 @@ def calibrate(
     choice = choose_thresholds(
         held_after, held.class_ids, options.target, distances=held_distance,
         fallback_class=fallback, min_rejection=options.min_rejection,
-        out_of_scope_share=share, leave_one_out=loo,
+        out_of_scope_share=share, leave_one_out=loo, confidence=confidence,
     )  # fmt: skip
     rule = RoutingRule(choice.threshold, choice.distance_threshold if scope else None, fallback)
     routed = rule.route(after, test_distance)
@@ -264,7 +268,7 @@ def calibrate(
         "routing_calibration": {
             "coverage": choice.coverage,
             "accuracy_bound": choice.accuracy_bound,
-            "confidence": THRESHOLD_CONFIDENCE,
+            "confidence": confidence,
         },
         "routing_test": {
             **on_test,

@@ -19,6 +19,7 @@ import zipfile
 from pathlib import Path
 
 MARKER = "gata-checkpoint.json"
+MAX_HEADER_BYTES = 100_000_000
 SKIPPED = "skipped"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # Files every resumable checkpoint has; torch.save writes zip archives.
@@ -53,7 +54,7 @@ def problem(checkpoint: Path, fingerprint_: str) -> str | None:
         return f"incomplete: no {MARKER}, so the job stopped while writing it"
     try:
         recorded = json.loads(marker.read_text()).get("fingerprint")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+    except (OSError, ValueError, RecursionError, AttributeError):
         return f"corrupt {MARKER}"
     if recorded != fingerprint_:
         return "incompatible: written by a job with other data, labels or hyperparameters"
@@ -61,8 +62,8 @@ def problem(checkpoint: Path, fingerprint_: str) -> str | None:
         state = json.loads((checkpoint / "trainer_state.json").read_text())
         if not isinstance(state.get("global_step"), int):
             return "corrupt trainer_state.json: no global_step"
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-        return f"corrupt trainer_state.json: {e}"
+    except (OSError, ValueError, RecursionError, AttributeError) as e:
+        return f"corrupt trainer_state.json: {str(e)[:200]}"
     weights = checkpoint / "model.safetensors"
     why = _safetensors_problem(weights)
     if why:
@@ -82,12 +83,18 @@ def _safetensors_problem(path: Path) -> str | None:
         size = path.stat().st_size
         with path.open("rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
-            if header_len > size - 8:
-                return f"corrupt {path.name}: header longer than the file"
+            if header_len > min(size - 8, MAX_HEADER_BYTES):
+                return f"corrupt {path.name}: header longer than the file or than 100 MB"
             header = json.loads(f.read(header_len))
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
-        return f"corrupt {path.name}: {e}"
-    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        if not isinstance(header, dict):
+            return f"corrupt {path.name}: expected a JSON object as header"
+        ends = [
+            t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"
+        ]  # a missing or malformed entry raises below
+        end = max((int(e) for e in ends), default=0)
+    except (OSError, struct.error, ValueError, RecursionError, KeyError, TypeError,
+            IndexError) as e:  # fmt: skip
+        return f"corrupt {path.name}: {type(e).__name__}: {str(e)[:200]}"
     if 8 + header_len + end != size:
         return f"corrupt {path.name}: {size} bytes, expected {8 + header_len + end} (truncated?)"
     return None
@@ -104,3 +111,19 @@ def select_resume(folder: Path, fingerprint_: str, warn) -> Path | None:
         checkpoint.rename(target)
         warn(f"skipping checkpoint {checkpoint}: {why}; moved it to {target}")
     return None
+
+
+def discard_incomplete(folder: Path) -> list[Path]:
+    """Delete checkpoints without a marker: ones this job was writing when it failed.
+
+    Used when writing failed (a full disk): they are incomplete by construction
+    and hold the space the rerun needs. A restart otherwise moves them to skipped/.
+    """
+    import shutil
+
+    removed = []
+    for checkpoint in checkpoints_newest_first(folder):
+        if not (checkpoint / MARKER).is_file():
+            shutil.rmtree(checkpoint, ignore_errors=True)
+            removed.append(checkpoint)
+    return removed

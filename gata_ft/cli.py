@@ -16,10 +16,10 @@ from gata_ft import __version__
 from gata_ft.config import OPTIONS, build_config, option_kind, shown_default
 from gata_ft.errors import GataError, WorkerFailed
 from gata_ft.export.recipe import DEFAULT_RECIPE
+from gata_ft.failure import printable, reason_of, show_traceback, sigterm_raises, write_failure
 from gata_ft.sagemaker import job_paths, read_hyperparameters
 
 ALL_INTERFACES = "0.0.0.0"  # noqa: S104 - the server runs in a container
-FAILURE_LIMIT = 4000  # SageMaker shows the first 1024 characters as FailureReason
 
 
 def _emit(text: str) -> None:
@@ -112,7 +112,9 @@ def train(
     with _failure_guard(paths.failure_file):
         from gata_ft.pipeline import training_job
 
-        hyperparameters = read_hyperparameters(paths.hyperparameters_file)
+        hyperparameters = read_hyperparameters(
+            paths.hyperparameters_file, required=hyperparameters_file is not None
+        )
         config, user_set, warnings = build_config(
             hyperparameters, flags, str(paths.hyperparameters_file)
         )
@@ -321,32 +323,24 @@ def serve(model, host, port, graph, threads) -> None:
 
 @contextmanager
 def _failure_guard(failure_file: Path | None) -> Iterator[None]:
-    """Turn any failure into `Error: ...` on stderr, a failure file and exit code 1."""
+    """Turn any failure into one `Error: ...` line on stderr, a failure file and exit code 1."""
     try:
-        yield
+        with sigterm_raises():
+            yield
         return
     except WorkerFailed as e:  # the worker wrote the failure file already
         reason, failure_file = str(e), None
-    except GataError as e:
-        reason = str(e)
-    except KeyboardInterrupt:
-        reason = "interrupted (KeyboardInterrupt)"
-    except Exception as e:
-        traceback.print_exc(file=sys.stderr)
-        reason = f"unexpected error: {type(e).__name__}: {e}"
+    except (Exception, KeyboardInterrupt) as e:
+        if show_traceback():
+            traceback.print_exc(file=sys.stderr)
+        reason = reason_of(e)
+    reason = printable(reason)
     if failure_file is not None:
-        _write_failure(failure_file, reason)
+        problem = write_failure(failure_file, reason)
+        if problem:
+            click.echo(f"warning: {problem}", err=True)
     click.echo(f"Error: {reason}", err=True)
     sys.exit(1)
-
-
-def _write_failure(path: Path, reason: str) -> None:
-    paragraph = " ".join(line.strip() for line in reason.splitlines() if line.strip())
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(paragraph[:FAILURE_LIMIT] + "\n", encoding="utf-8")
-    except OSError as e:
-        click.echo(f"warning: cannot write the failure file {path}: {e}", err=True)
 
 
 def main() -> None:

@@ -153,61 +153,150 @@ def normalize_text(value: str) -> str:
 
 
 def read_split(directory: Path | str, name: str, *, normalize: bool = False) -> Split:
-    """Read and validate `directory`/data.json; raise DataError listing what is wrong, by line."""
+    """Read and validate `directory`/data.json; raise DataError listing what is wrong, by line.
+
+    The file is streamed line by line (memory grows with the rows kept, not the
+    file), no line may exceed MAX_LINE_BYTES, and only the first problems are kept.
+    """
     directory = Path(directory)
     path = directory if directory.is_file() else directory / DATA_FILE
-    if not directory.exists():
+    if not directory.exists() and not directory.is_symlink():
         raise DataError(
             f"{name} channel: expected a directory holding {DATA_FILE} at {directory}, "
             "but it does not exist."
         )
     if not path.is_file():
-        present = sorted(p.name for p in directory.iterdir())[:10]
-        found = f"it holds: {', '.join(present)}" if present else "it is empty"
         raise DataError(
-            f"{name} channel: expected {path} (JSON Lines, one "
-            f'{{"label": int, "text": str}} per line), but there is no such file; {found}.'
+            f"{name} channel: expected {path} to be a file (JSON Lines, one "
+            f'{{"label": int, "text": str}} per line), but {_what_is(path, directory)}.'
         )
-    raw = path.read_bytes()
-    digest = hashlib.sha256(raw).hexdigest()
-    if raw.startswith(_BOM):
-        raw = raw[len(_BOM) :]
+    try:
+        stream = path.open("rb")
+    except OSError as e:
+        raise DataError(f"{path}: expected a readable file, found {e.strerror or e}") from e
+    with stream:
+        encoding = _foreign_encoding(stream.read(4))
+        if encoding:
+            raise DataError(
+                f"{path}: expected UTF-8 text, found {encoding}; save the file as UTF-8."
+            )
+        stream.seek(0)
+        return _validate(stream, path, name, normalize)
 
+
+def _validate(stream, path: Path, name: str, normalize: bool) -> Split:
+    digest = hashlib.sha256()
     texts: list[str] = []
     labels: list[int] = []
     lines: list[int] = []
-    problems: list[tuple[int, str]] = []
-    normalized_rows = 0
+    problems: list[tuple[int, str]] = []  # the first MAX_PROBLEMS_SHOWN
+    total, bad_rows, normalized_rows, empty = 0, 0, 0, True
     validator = _validator()
-    for number, line_bytes in enumerate(raw.split(b"\n"), start=1):
-        if not line_bytes.strip():
+    for number, line_bytes in enumerate(_lines(stream, digest), start=1):
+        empty = empty and not line_bytes
+        if number == 1 and line_bytes.startswith(_BOM):
+            line_bytes = line_bytes[len(_BOM) :]
+        if line_bytes is _TOO_LONG:
+            found = [f"a line longer than {MAX_LINE_BYTES:,} bytes: expected one ticket per line"]
+        elif not line_bytes.strip():
             continue
-        row, problem = _parse_line(line_bytes)
-        if problem:
-            problems.append((number, problem))
-            continue
-        if normalize and isinstance(row, dict) and isinstance(row.get("text"), str):
-            fixed = normalize_text(row["text"])
-            if fixed != row["text"]:
-                normalized_rows += 1
+        else:
+            row, failure = _parse_line(line_bytes)
+            found = [failure] if failure else []
+            if (
+                not found
+                and normalize
+                and isinstance(row, dict)
+                and isinstance(row.get("text"), str)
+            ):
+                fixed = normalize_text(row["text"])
+                normalized_rows += fixed != row["text"]
                 row["text"] = fixed
-        errors = list(validator.iter_errors(row))
-        if errors:
-            problems.extend((number, msg) for msg in _describe_errors(row, errors, normalize))
+            if not found:
+                errors = list(validator.iter_errors(row))
+                found = _describe_errors(row, errors, normalize) if errors else []
+        if found:
+            total += len(found)
+            bad_rows += 1
+            problems.extend((number, m) for m in found[: MAX_PROBLEMS_SHOWN - len(problems)])
             continue
         texts.append(row["text"])
         labels.append(row["label"])
         lines.append(number)
-
-    if problems:
-        raise DataError(_problem_report(path, problems, rows_ok=len(texts)))
+    if total:
+        raise DataError(_problem_report(path, problems, total, bad_rows, len(texts)))
     if not texts:
-        what = "is empty" if not raw else "holds only blank lines"
+        what = "is empty" if empty else "holds only blank lines"
         raise DataError(
             f"{path}: the file {what}: expected one JSON object per line, "
             'like {"label": 360001234567, "text": "my card was declined"}.'
         )
-    return Split(name, path, texts, labels, lines, digest, normalized_rows)
+    return Split(name, path, texts, labels, lines, digest.hexdigest(), normalized_rows)
+
+
+_TOO_LONG = b"\0too long"
+MAX_LINE_BYTES = 1_000_000  # a ticket is a few KB; a longer line is not a ticket
+MAX_DIGITS = 30
+
+
+def _lines(stream, digest):
+    """The file's lines (without their end), hashing every byte; over-long lines as _TOO_LONG."""
+    pending, skipping = b"", False
+    while chunk := stream.read(1 << 20):
+        digest.update(chunk)
+        parts = chunk.split(b"\n")
+        for part in parts[:-1]:
+            yield _TOO_LONG if skipping else pending + part
+            pending, skipping = b"", False
+        if not skipping:
+            pending += parts[-1]
+            if len(pending) > MAX_LINE_BYTES:
+                pending, skipping = b"", True
+    if skipping:
+        yield _TOO_LONG
+    elif pending:
+        yield pending
+
+
+def _foreign_encoding(first: bytes) -> str | None:
+    """A UTF-16 or UTF-32 file, by its byte-order mark or its NUL bytes."""
+    marks = {
+        b"\xff\xfe\x00\x00": "UTF-32 (byte-order mark FF FE 00 00)",
+        b"\x00\x00\xfe\xff": "UTF-32 (byte-order mark 00 00 FE FF)",
+        b"\xff\xfe": "UTF-16 little-endian (byte-order mark FF FE)",
+        b"\xfe\xff": "UTF-16 big-endian (byte-order mark FE FF)",
+    }
+    for mark, encoding in marks.items():
+        if first.startswith(mark):
+            return encoding
+    if len(first) >= 2 and (first[0] == 0) != (first[1] == 0):
+        return "UTF-16 without a byte-order mark (every other byte is 0)"
+    return None
+
+
+def _what_is(path: Path, directory: Path) -> str:
+    """What stands at `path` instead of a regular file."""
+    import stat
+
+    if path.is_symlink() and not path.exists():
+        return f"it is a symbolic link to {path.readlink()}, which does not exist"
+    if not path.exists():
+        if not directory.is_dir():
+            return f"{directory} is not a directory"
+        present = sorted(p.name for p in directory.iterdir())[:10]
+        holds = f"the folder holds: {', '.join(present)}" if present else "the folder is empty"
+        return f"there is no such file; {holds}"
+    mode = path.stat().st_mode
+    kinds = (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    )
+    kind = next((name for test, name in kinds if test(mode)), "not a regular file")
+    link = f" (through a symbolic link to {path.readlink()})" if path.is_symlink() else ""
+    return f"it is {kind}{link}"
 
 
 def _parse_line(line_bytes: bytes) -> tuple[object, str | None]:
@@ -216,11 +305,48 @@ def _parse_line(line_bytes: bytes) -> tuple[object, str | None]:
     except UnicodeDecodeError as e:
         return None, f"invalid UTF-8: byte 0x{line_bytes[e.start]:02x} at column {e.start + 1}"
     try:
-        return json.loads(line, object_pairs_hook=_no_duplicate_keys), None
+        row = json.loads(
+            line, object_pairs_hook=_no_duplicate_keys, parse_int=_int, parse_constant=_constant
+        )
+        return row, None
     except _DuplicateKeyError as e:
         return None, f"field {e.args[0]!r} appears twice in the object"
+    except _HugeNumberError as e:
+        return None, (
+            f"expected numbers of at most {MAX_DIGITS} digits (a label id has 19 at most), "
+            f"found one of {e.args[0]:,} digits"
+        )
+    except _NotJsonError as e:
+        return None, f"malformed JSON: {e.args[0]} is not a JSON value"
     except json.JSONDecodeError as e:
-        return None, f"malformed JSON: {e.msg} at column {e.colno}"
+        if e.msg == "Extra data" and "\r" in line.rstrip("\r"):
+            return None, (
+                "several objects on one line: lines must end with a line feed (\\n); this "
+                "file seems to end them with carriage returns alone (\\r)"
+            )
+        return None, f"malformed JSON: {e.msg.removesuffix(' at')} (column {e.colno})"
+    except RecursionError:
+        return None, "malformed JSON: nested too deeply (expected a flat object)"
+
+
+class _HugeNumberError(ValueError):
+    pass
+
+
+class _NotJsonError(ValueError):
+    pass
+
+
+def _constant(name: str):
+    raise _NotJsonError(name)  # NaN, Infinity: Python reads them, JSON has no such values
+
+
+def _int(digits: str) -> int:
+    # Python refuses ints of more than 4,300 digits with a ValueError that names no line
+    size = len(digits.lstrip("-"))
+    if size > MAX_DIGITS:
+        raise _HugeNumberError(size)
+    return int(digits)
 
 
 class _DuplicateKeyError(ValueError):
@@ -256,7 +382,7 @@ def _describe_errors(row: object, errors: list, normalized: bool) -> list[str]:
         elif field == "label":
             label = row["label"]
             found = _describe(label)
-            if kind in ("minimum", "maximum"):
+            if kind in ("minimum", "maximum") and isinstance(label, int):
                 found += " (negative)" if label < 0 else " (above 2**63 - 1)"
             messages.append(f"label: expected a non-negative integer, found {found}")
         elif field == "text" and kind == "type":
@@ -299,19 +425,25 @@ def _snippet(text: str, limit: int = 40) -> str:
     return json.dumps(text if len(text) <= limit else text[:limit] + "...", ensure_ascii=False)
 
 
-def _problem_report(path: Path, problems: list[tuple[int, str]], rows_ok: int) -> str:
-    bad_rows = len({line for line, _ in problems})
-    count = "1 problem" if len(problems) == 1 else f"{len(problems)} problems"
+def _problem_report(
+    path: Path, problems: list[tuple[int, str]], total: int, bad_rows: int, rows_ok: int
+) -> str:
+    count = "1 problem" if total == 1 else f"{total} problems"
     rows = "1 row" if bad_rows == 1 else f"{bad_rows} rows"
     head = f"{path}: {count} in {rows} ({rows_ok} valid rows):"
-    shown = [f"  {path}:{line}: {message}" for line, message in problems[:MAX_PROBLEMS_SHOWN]]
-    rest = len(problems) - MAX_PROBLEMS_SHOWN
+    shown = [f"  {path}:{line}: {printable(message)}" for line, message in problems]
+    rest = total - len(problems)
     if rest > 0:
         shown.append(f"  ... and {rest} more {'problem' if rest == 1 else 'problems'}")
     report = "\n".join([head, *shown])
     if any("text: expected lower-case" in message for _, message in problems):
         report += "\n" + _NORMALIZE_HINT
     return report
+
+
+def printable(message: str) -> str:
+    """Lone surrogates and other unencodable characters escaped, so the message can print."""
+    return message.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _short_list(values: Sequence[int], limit: int = 10) -> str:

@@ -7,6 +7,7 @@ Both end in the same tail (`_ship`).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import tempfile
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from gata_ft import calibration as cal
-from gata_ft import checkpoints, metrics, preflight, reports
+from gata_ft import checkpoints, files, metrics, preflight, reports
 from gata_ft.artifact import SCOPE, compose_metadata, label_entries, write_artifact
 from gata_ft.config import TrainConfig
 from gata_ft.data import LabelMap, Prepared, Split, read_split, text_pattern
@@ -59,6 +60,9 @@ def training_job(
     """Preflight, then train in this process or, with several GPUs, under torchrun."""
     go_offline(config.allow_download)
     nproc = process_count()
+    for folder in (paths.model_dir, paths.output_data_dir):
+        for path in files.remove_partials(folder):
+            log.warning("removed %s, left by an interrupted run", path)
     plan = preflight.training_job(config, paths, nproc)
     emit(preflight.describe(plan.data))
     for warning in preflight.data_warnings(plan.data, config):
@@ -82,10 +86,16 @@ def _train_and_ship(config, user_set, paths, plan, resume, emit, callbacks=()) -
     from gata_ft import train
 
     started = time.monotonic()
-    trained = train.run(
-        config, paths.checkpoint_dir, plan.data, plan.base, plan.fingerprint, resume, emit,
-        callbacks,
-    )  # fmt: skip
+    try:
+        trained = train.run(
+            config, paths.checkpoint_dir, plan.data, plan.base, plan.fingerprint, resume, emit,
+            callbacks,
+        )  # fmt: skip
+    except OSError as e:
+        if e.errno == errno.ENOSPC:  # free what the half-written checkpoint holds
+            for checkpoint in checkpoints.discard_incomplete(paths.checkpoint_dir):
+                log.warning("removed the incomplete %s (the disk is full)", checkpoint)
+        raise
     if trained is None:  # not the main process
         return None
     data = plan.data
@@ -144,6 +154,7 @@ def export_job(
     from gata_ft import upgrade
 
     go_offline(False)
+    files.remove_partials(output.parent)
     recipe = preflight.export_job(source_path, output, recipe_name, force)
     split = read_split(test_dir, "test", normalize=normalize_text) if test_dir else None
     with tempfile.TemporaryDirectory(prefix="gata-ft-export-") as scratch:
@@ -188,7 +199,7 @@ def _ship(
     blocks = add_onnx(content, max_length, recipe, evaluation, strict, emit)
     serving = f"serving {blocks['serve']['graph']}: {blocks['serve']['reason']}"
     if parity_file is not None:
-        parity_file.write_text(json.dumps(blocks["parity"], indent=2) + "\n", encoding="utf-8")
+        files.write_text(parity_file, json.dumps(blocks["parity"], indent=2) + "\n")
         emit(f"{serving}; wrote {parity_file}")
     artifact = write_artifact(content, compose_metadata(**metadata, export=blocks), destination)
     if parity_file is not None:
@@ -220,7 +231,7 @@ def _calibrate(config: TrainConfig, trained, data: Prepared, test, out_dir: Path
     for line in describe_calibration(result):
         emit(line)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "calibration.json").write_text(json.dumps(result, indent=2) + "\n")
+    files.write_text(out_dir / "calibration.json", json.dumps(result, indent=2) + "\n")
     reports.plot_reliability(
         fitted.test_before, fitted.test_after, test.class_ids, out_dir / "reliability_diagram.png"
     )

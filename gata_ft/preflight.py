@@ -235,7 +235,9 @@ def data_warnings(data: Prepared, config: TrainConfig) -> list[str]:
             f"the calibration channel holds no tickets labelled with the fallback queue "
             f"{fallback}: the thresholds are fitted as if no traffic were out of scope"
         )
-    if data.calibration is not None and not data.calibration_channel:
+    if data.calibration_channel:
+        pass  # the channel's labels are whatever traffic brought
+    elif data.calibration is not None:
         present = set(data.calibration.labels)
         absent = [str(x) for x in labels if x not in present]
         if absent:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gata_ft import files
 from gata_ft.data import LabelMap
 from gata_ft.metrics import ECE_BINS, SCALARS, Curve, Scores, bin_of, ece, top1
 
@@ -134,9 +135,12 @@ def write_reports(report: Report, out_dir: Path) -> list[Path]:
     """metrics.json, confusion_matrix.csv and confusion_matrix.png in `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / "metrics.json"
-    metrics_path.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+    files.write_text(metrics_path, json.dumps(report.to_dict(), indent=2) + "\n")
     csv_path = out_dir / "confusion_matrix.csv"
-    with csv_path.open("w", newline="", encoding="utf-8") as f:
+    with (
+        files.atomic_path(csv_path) as partial,
+        partial.open("w", newline="", encoding="utf-8") as f,
+    ):
         writer = csv.writer(f)
         writer.writerow(["true\\predicted", *report.labels])
         for label, row in zip(report.labels, report.confusion, strict=True):
@@ -178,7 +182,8 @@ def plot_confusion(report: Report, path: Path) -> None:
                 ax.text(p, t, int(count), ha="center", va="center", color=color, fontsize=8)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true label's tickets")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with files.atomic_path(path) as partial:
+        fig.savefig(partial, dpi=100, format="png")
     plt.close(fig)
 
 
@@ -196,7 +201,8 @@ def plot_reliability(before: np.ndarray, after: np.ndarray, labels, path: Path) 
         ax.set_xlabel("confidence")
     axes[0].set_ylabel("accuracy")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with files.atomic_path(path) as partial:
+        fig.savefig(partial, dpi=100, format="png")
     plt.close(fig)
 
 
@@ -212,7 +218,8 @@ def plot_coverage(curves: dict[str, Curve], threshold, target: float, path: Path
     ax.set_title(f"Coverage and accuracy (recommended threshold {shown})")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with files.atomic_path(path) as partial:
+        fig.savefig(partial, dpi=100, format="png")
     plt.close(fig)
 
 

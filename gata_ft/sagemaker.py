@@ -24,6 +24,7 @@ ENV_DEFAULTS = {
     "GATA_CHECKPOINT_DIR": "/opt/ml/checkpoints",
 }
 ARTIFACT_NAME = "model.tar.gz"
+MAX_HYPERPARAMETERS_BYTES = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -73,15 +74,28 @@ def _calibration_channel(env: Mapping[str, str]) -> Path | None:
     return default if default.is_dir() else None
 
 
-def read_hyperparameters(path: Path) -> dict[str, object]:
-    """SageMaker's hyperparameters.json (values are strings); {} when the file is absent."""
+def read_hyperparameters(path: Path, required: bool = False) -> dict[str, object]:
+    """SageMaker's hyperparameters.json (values are strings).
+
+    {} when the file is absent and not `required` (SageMaker writes none when a
+    job sets no hyperparameters); a file named on the command line is required.
+    """
     if not path.is_file():
+        if required or path.exists():
+            what = "it does not exist" if not path.exists() else "it is not a regular file"
+            raise ConfigError(f"{path}: expected a JSON file of hyperparameters, but {what}")
         return {}
+    if path.stat().st_size > MAX_HYPERPARAMETERS_BYTES:
+        raise ConfigError(
+            f"{path}: expected a JSON object of hyperparameters of at most "
+            f"{MAX_HYPERPARAMETERS_BYTES:,} bytes, found {path.stat().st_size:,} bytes"
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as e:
+        found = "nesting too deep" if isinstance(e, RecursionError) else str(e)
         raise ConfigError(
-            f"{path}: expected a JSON object of hyperparameters, found invalid JSON: {e}"
+            f"{path}: expected a JSON object of hyperparameters, found invalid JSON: {found}"
         ) from e
     if not isinstance(data, dict):
         raise ConfigError(

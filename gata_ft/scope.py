@@ -52,14 +52,13 @@ class Scope:
 
     @cached_property
     def _norms(self) -> np.ndarray:
-        return (self.means.astype(np.float64) ** 2).sum(1)
+        return (self.means.astype(np.float32) ** 2).sum(1)
 
     def squared(self, features) -> np.ndarray:
-        """(n, K): squared Mahalanobis distance of each row to each class mean."""
+        """(n, K): squared Mahalanobis distance of each row to each class mean (float32)."""
         z = np.asarray(features, dtype=np.float32) @ self.whitening
-        z = z.astype(np.float64)
-        squared = (z**2).sum(1, keepdims=True) - 2 * z @ self.means.T + self._norms
-        return np.clip(squared, 0.0, None)
+        squared = self._norms - 2 * (z @ self.means.T) + np.einsum("ij,ij->i", z, z)[:, None]
+        return np.maximum(squared, 0.0)
 
     def distance(self, features) -> np.ndarray:
         """(n,): distance to the nearest class mean; larger is farther from every queue."""

@@ -31,8 +31,8 @@ def problem_of(folder, line: str) -> str:
 @pytest.mark.parametrize(
     ("line", "message"),
     [
-        ('{"label": 1, "text": "hi"', "malformed JSON: Expecting ',' delimiter at column 26"),
-        ("not json", "malformed JSON: Expecting value at column 1"),
+        ('{"label": 1, "text": "hi"', "malformed JSON: Expecting ',' delimiter (column 26)"),
+        ("not json", "malformed JSON: Expecting value (column 1)"),
         ('{"text": "hello"}', "missing field 'label'"),
         ('{"label": 1}', "missing field 'text'"),
         (
@@ -129,8 +129,9 @@ def test_missing_file_says_what_the_directory_holds(tmp_path):
     with pytest.raises(DataError) as info:
         read_split(folder, "train")
     assert str(info.value) == (
-        f"train channel: expected {folder / 'data.json'} (JSON Lines, one "
-        '{"label": int, "text": str} per line), but there is no such file; it holds: train.jsonl.'
+        f"train channel: expected {folder / 'data.json'} to be a file (JSON Lines, one "
+        '{"label": int, "text": str} per line), but there is no such file; the folder holds: '
+        "train.jsonl."
     )
 
 

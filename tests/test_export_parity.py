@@ -10,7 +10,7 @@ from gata_ft.artifact import verify_tarball
 from gata_ft.cli import cli
 from gata_ft.export.parity import gate_failures
 from gata_ft.export.recipe import Recipe, Thresholds
-from gata_ft.metrics import Scores
+from gata_ft.paired import compare
 
 
 def run_export(*args):
@@ -19,24 +19,30 @@ def run_export(*args):
 
 def test_gate_on_a_hand_computed_case():
     truth = np.array([0] * 20 + [1] * 20 + [2] * 5)
-    reference = Scores.of(truth.copy(), truth, 3)
     candidate_pred = truth.copy()
-    candidate_pred[:2] = 1  # class 0 loses 2 of 20: recall -10 points
-    candidate_pred[40] = 0  # class 2 (5 tickets, below min support) loses one
-    candidate = Scores.of(candidate_pred, truth, 3)
-    failures = gate_failures(reference, candidate, Thresholds(), labels=(7, 8, 9))
+    candidate_pred[:2] = 1  # class 0 loses 2 of 20: recall -10 points, yet p = 0.25
+    candidate_pred[40] = 0  # class 2 loses one of 5
+    result = compare(truth, candidate_pred, truth, 3)
+    bound = 100 * 3 / 45  # all 3 changed tickets were lost: the upper bound of the share is 1
+    assert result.accuracy_drop_bound == pytest.approx(bound)
+    failures = gate_failures(result, Thresholds(), labels=(7, 8, 9))
     assert failures == [
-        "accuracy 6.67 points below fp32 (limit 1.0)",
-        f"macro F1 {100 * (1 - candidate.f1_macro):.2f} points below fp32 (limit 1.0)",
-        "recall of label 7 10.00 points below fp32 (limit 5.0)",
+        f"accuracy drop up to {bound:.2f} points (95% upper bound; measured 6.67), limit 1.0",
+        f"macro F1 drop up to {result.f1_drop_bound:.2f} points (95% upper bound; measured "
+        f"{result.f1_drop:.2f}), limit 1.0",
+    ]  # no label is shown to be harmed: 2 of 20 lost is within noise
+    assert gate_failures(compare(truth, truth, truth, 3), Thresholds(), (7, 8, 9)) == []
+    many = np.repeat(np.arange(3), 200)
+    harmed = many.copy()
+    harmed[:12] = 1  # label 7 loses 12 of 200: p = 0.5**12
+    result = compare(many, harmed, many, 3)
+    assert result.accuracy_drop_bound < 5.0
+    failures = gate_failures(result, Thresholds(max_accuracy_drop=5.0, max_macro_f1_drop=5.0),
+                             (7, 8, 9))  # fmt: skip
+    assert failures == [
+        f"label 7: 12 of its 200 tickets went wrong, 0 right (exact McNemar p = "
+        f"{0.5**12:.2g}, Holm {0.5**12:.2g} <= 0.05)"
     ]
-    assert gate_failures(reference, reference, Thresholds(), labels=(7, 8, 9)) == []
-    exactly_at_limit = truth.copy()
-    exactly_at_limit[:1] = 1  # 1 of 20 is 5.0 points: at the limit, not over it
-    at_limit = Scores.of(exactly_at_limit, truth, 3)
-    assert not any(
-        "recall" in f for f in gate_failures(reference, at_limit, Thresholds(), (7, 8, 9))
-    )
 
 
 def impossible_recipe(tmp_path):

@@ -15,7 +15,7 @@ def test_recipes_load_as_data():
         names[name] = recipe.variants[0].preset
         assert recipe.variants[0].label == "base"
         assert len(recipe.variants) >= 3
-        assert recipe.parity == Thresholds(1.0, 1.0, 5.0, 20)
+        assert recipe.parity == Thresholds(1.0, 1.0, 0.05, 0.97)
     assert names == {"avx2": "avx512", "avx512_vnni": "avx512_vnni", "arm64": "arm64"}
     avx2 = Recipe.load("avx2")
     assert avx2.variants[0].reduce_range is True  # no saturation on CPUs without VNNI

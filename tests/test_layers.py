@@ -11,9 +11,10 @@ from pathlib import Path
 from conftest import REPO
 
 LAYERS = [
-    {"gata_ft", "gata_ft.errors", "gata_ft.text", "gata_ft.resources"},
+    {"gata_ft", "gata_ft.errors", "gata_ft.text", "gata_ft.resources", "gata_ft.files"},
     {
         "gata_ft.sagemaker",
+        "gata_ft.failure",
         "gata_ft.metrics",
         "gata_ft.archive",
         "gata_ft.inference",
@@ -23,7 +24,7 @@ LAYERS = [
         "gata_ft.export",
         "gata_ft.export.recipe",
     },
-    {"gata_ft.artifact", "gata_ft.config", "gata_ft.data", "gata_ft.scope"},
+    {"gata_ft.artifact", "gata_ft.config", "gata_ft.data", "gata_ft.scope", "gata_ft.paired"},
     {
         "gata_ft.runtime",
         "gata_ft.reports",

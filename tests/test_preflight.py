@@ -207,3 +207,25 @@ def test_the_export_job_checks_before_reading_its_input(tmp_path, trained_artifa
     )
     assert no_model_loads == []
     assert list(out.parent.iterdir()) == []
+
+
+def test_a_calibration_channel_gets_no_split_warnings(tmp_path):
+    from gata_ft.config import TrainConfig
+    from gata_ft.preflight import data_warnings, prepare_data
+    from gata_ft.sagemaker import job_paths
+
+    train = [{"label": 7, "text": f"printer jam number {i}"} for i in range(40)]
+    train += [{"label": 8, "text": f"lost password {i}"} for i in range(40)]
+    write_rows(tmp_path / "train", train)
+    write_rows(tmp_path / "test", train[::4])
+    write_rows(tmp_path / "channel", train[1::4])
+    paths = job_paths({}, train=tmp_path / "train", test=tmp_path / "test",
+                      calibration=tmp_path / "channel")  # fmt: skip
+    config = TrainConfig(fallback_label=8)
+    data = prepare_data(config, paths)
+    assert data.calibration_channel is True
+    assert len(data.train) == 80  # nothing held out of the training rows
+    assert data_warnings(data, config) == [
+        "20 test texts also appear in the training data; test metrics overstate accuracy on "
+        "new tickets"
+    ]

@@ -18,6 +18,7 @@ from gata_ft.export.recipe import Recipe, Thresholds, Variant
 from gata_ft.export.reference import onnx_scores, torch_scores
 from gata_ft.inference import OnnxClassifier
 from gata_ft.metrics import Scores, softmax
+from gata_ft.paired import Comparison, compare
 from gata_ft.scope import RoutingRule, Scope
 
 log = logging.getLogger("gata_ft")
@@ -34,37 +35,43 @@ class EvalSet:
     routing: tuple[RoutingRule, Scope] | None = None  # int8 must route as fp32 does
 
 
-def gate_failures(reference: Scores, candidate: Scores, limits: Thresholds, labels) -> list[str]:
-    """Why `candidate` fails the parity gate against `reference` (empty: it passes)."""
+def gate_failures(result: Comparison, limits: Thresholds, labels) -> list[str]:
+    """Why a candidate fails the parity gate (empty: it passes).
+
+    Overall, non-inferiority: the upper confidence bounds of the accuracy and
+    macro-F1 drops must stay within the recipe's limits. Per label, an exact
+    McNemar test on the tickets whose outcome changed, Holm-corrected across the
+    labels with changed tickets (family-wise: the gate asks whether any queue is
+    harmed, and a false alarm costs the int8 graph): a label fails when int8 is
+    significantly worse on it.
+    """
     failures = []
-    drop = 100 * (reference.accuracy - candidate.accuracy)
-    if drop > limits.max_accuracy_drop + SLACK:
-        failures.append(f"accuracy {drop:.2f} points below fp32 (limit {limits.max_accuracy_drop})")
-    drop = 100 * (reference.f1_macro - candidate.f1_macro)
-    if drop > limits.max_macro_f1_drop + SLACK:
-        failures.append(f"macro F1 {drop:.2f} points below fp32 (limit {limits.max_macro_f1_drop})")
-    for c, (points, _) in _recall_drops(reference, candidate, limits).items():
-        if points > limits.max_class_recall_drop + SLACK:
+    level = f"{100 * (1 - limits.alpha):.0f}% upper bound"
+    for name, drop, bound, limit in (
+        ("accuracy", result.accuracy_drop, result.accuracy_drop_bound, limits.max_accuracy_drop),
+        ("macro F1", result.f1_drop, result.f1_drop_bound, limits.max_macro_f1_drop),
+    ):
+        if bound > limit + SLACK:
             failures.append(
-                f"recall of label {labels[c]} {points:.2f} points below fp32 "
-                f"(limit {limits.max_class_recall_drop})"
+                f"{name} drop up to {bound:.2f} points ({level}; measured {drop:.2f}), "
+                f"limit {limit}"
             )
+    for test in result.harmed:
+        failures.append(
+            f"label {labels[test.class_id]}: {test.worse} of its {test.tickets} tickets went "
+            f"wrong, {test.better} right (exact McNemar p = {test.p:.2g}, Holm {test.p_holm:.2g}"
+            f" <= {limits.alpha})"
+        )
     return failures
 
 
-def _recall_drops(reference: Scores, candidate: Scores, limits: Thresholds) -> dict:
-    """class id -> (recall drop in points, support) for the classes the gate looks at."""
-    return {
-        c: (100 * (reference.recall[c] - candidate.recall[c]), int(support))
-        for c, support in enumerate(reference.support)
-        if support >= limits.min_class_support
-    }
-
-
-def worst_recall_drop(reference: Scores, candidate: Scores, limits: Thresholds, labels):
-    """(points, label) of the largest per-class recall drop among gated classes."""
-    drops = [(p, labels[c]) for c, (p, _) in _recall_drops(reference, candidate, limits).items()]
-    return max(drops, default=(0.0, None))
+def worst_label(result: Comparison, labels) -> str:
+    """The label with the smallest Holm-adjusted p-value where int8 lost tickets."""
+    losing = [t for t in result.labels if t.worse > t.better]
+    if not losing:
+        return "-"
+    test = min(losing, key=lambda t: (t.p_holm, -t.worse))
+    return f"{labels[test.class_id]} -{test.worse}+{test.better} p={test.p_holm:.2g}"
 
 
 @dataclass
@@ -152,7 +159,9 @@ def gate(inputs: GateInputs, strict: bool, emit: Callable[[str], None]):
             f"the fp32 ONNX graph agrees with PyTorch on only {100 * fp32_agreement:.2f}% of "
             "the test tickets (expected 99.9% or more): the export is broken"
         )
-    rows = [("PyTorch fp32", reference, None, "-"), ("ONNX fp32", fp32, fp32_agreement, "-")]
+    alpha = recipe.parity.alpha
+    fp32_result = compare(reference_pred, fp32_pred, truth, n, alpha)
+    rows = [("PyTorch fp32", None, None, "-"), ("ONNX fp32", fp32_result, None, "-")]
 
     attempts: list[Attempt] = []
     graphs: list[Path] = []
@@ -166,8 +175,8 @@ def gate(inputs: GateInputs, strict: bool, emit: Callable[[str], None]):
             graphs[-1], inputs.tokenizer_file, evaluation.texts, inputs.max_length, 1
         )
         pred = logits.argmax(-1)
-        scores = Scores.of(pred, truth, n)
-        failures = gate_failures(reference, scores, recipe.parity, evaluation.labels)
+        result = compare(reference_pred, pred, truth, n, alpha)
+        failures = gate_failures(result, recipe.parity, evaluation.labels)
         route_agreement = None
         if reference_actions is not None:
             actions = route_actions(logits, features, evaluation.routing)
@@ -181,16 +190,14 @@ def gate(inputs: GateInputs, strict: bool, emit: Callable[[str], None]):
             variant.label,
             variant_record(variant, excluded),
             excluded,
-            _scores_dict(scores, evaluation.labels),
-            float((pred == reference_pred).mean()),
+            _scores_dict(result.candidate, evaluation.labels) | _bounds(result, evaluation.labels),
+            result.agreement,
             failures,
             route_agreement,
         )
         attempts.append(attempt)
         verdict = "passes" if attempt.passed else "fails: " + "; ".join(failures)
-        if route_agreement is not None:
-            verdict = f"routes {100 * route_agreement:.2f}% alike, {verdict}"
-        rows.append((f"ONNX int8 ({variant.label})", scores, attempt.agreement, verdict))
+        rows.append((f"ONNX int8 ({variant.label})", result, route_agreement, verdict))
         if attempt.passed:
             break
     emit(_parity_table(rows, reference, recipe.parity, evaluation))
@@ -222,6 +229,12 @@ def gate(inputs: GateInputs, strict: bool, emit: Callable[[str], None]):
         "thresholds": asdict(recipe.parity),
         "pytorch_fp32": _scores_dict(reference, evaluation.labels),
         "onnx_fp32": {**_scores_dict(fp32, evaluation.labels), "agreement": fp32_agreement},
+        "method": (
+            "non-inferiority: one-sided upper bounds of the accuracy drop (exact, on the "
+            "changed tickets) and of the macro-F1 drop (paired bootstrap, 1000 resamples) "
+            "within the limits; per label, exact McNemar on the changed tickets, "
+            "Holm-corrected across the labels with changed tickets"
+        ),
         "attempts": [asdict(a) | {"passed": a.passed} for a in attempts],
         "passed": attempts[best].passed,
     }
@@ -236,19 +249,39 @@ def _scores_dict(scores: Scores, labels) -> dict:
     }
 
 
+def _bounds(result: Comparison, labels) -> dict:
+    return {
+        "accuracy_drop_bound": result.accuracy_drop_bound,
+        "macro_f1_drop_bound": result.f1_drop_bound,
+        "changed": {"worse": result.worse, "better": result.better},
+        "harmed_labels": [labels[t.class_id] for t in result.harmed],
+        "undecidable_labels": [labels[t.class_id] for t in result.undecidable],
+    }
+
+
 def _parity_table(rows, reference: Scores, limits: Thresholds, evaluation: EvalSet) -> str:
+    level = f"{100 * (1 - limits.alpha):.0f}%"
     lines = [
-        f"parity on {len(evaluation.texts)} test tickets "
-        f"(gate: accuracy and macro F1 at most {limits.max_accuracy_drop} / "
-        f"{limits.max_macro_f1_drop} points below PyTorch fp32, no label's recall more than "
-        f"{limits.max_class_recall_drop} points below, labels with {limits.min_class_support}+ "
-        "test tickets)",
-        f"{'model':<44}{'accuracy':>9}{'macro F1':>9}{'worst recall drop':>26}{'agreement':>10}",
+        f"parity on {len(evaluation.texts)} test tickets (gate: the {level} upper bounds of the "
+        f"accuracy and macro-F1 drops within {limits.max_accuracy_drop} / "
+        f"{limits.max_macro_f1_drop} points; no label significantly worse, exact McNemar on "
+        f"changed tickets, Holm-corrected, alpha {limits.alpha})",
+        f"{'model':<40}{'accuracy':>9}{'macro F1':>9}{'drop <=':>8}{'F1 <=':>7}"
+        f"{'worst label (lost+gained, Holm p)':>38}{'agree':>8}{'routes':>8}",
     ]
-    for name, scores, agreement, verdict in rows:
-        drop, label = worst_recall_drop(reference, scores, limits, evaluation.labels)
-        worst = f"{drop:.1f} ({label})" if label is not None and scores is not reference else "-"
-        agree = f"{agreement:.4f}" if agreement is not None else "-"
-        line = f"{name:<44}{scores.accuracy:>9.4f}{scores.f1_macro:>9.4f}{worst:>26}{agree:>10}"
+    for name, result, routes, verdict in rows:
+        scores = reference if result is None else result.candidate
+        line = f"{name:<40}{scores.accuracy:>9.4f}{scores.f1_macro:>9.4f}"
+        if result is None:
+            line += f"{'-':>8}{'-':>7}{'-':>38}{'-':>8}{'-':>8}"
+        else:
+            route = "-" if routes is None else f"{routes:.4f}"
+            line += (
+                f"{result.accuracy_drop_bound:>8.2f}{result.f1_drop_bound:>7.2f}"
+                f"{worst_label(result, evaluation.labels):>38}{result.agreement:>8.4f}{route:>8}"
+            )
+            undecidable = len(result.undecidable)
+            if undecidable:
+                verdict += f" ({undecidable} labels lost tickets too few to decide)"
         lines.append(line + (f"  {verdict}" if verdict != "-" else ""))
     return "\n".join(lines)
