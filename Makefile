@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= build/demo
 
-.PHONY: demo test test-fast lint lint-container format install clean bench-epoch bench-banking77 bench-export bench-runtime bench-calibration bench-routing bench-validation container-smoke
+.PHONY: demo test test-fast lint lint-container format install clean bench-epoch bench-banking77 bench-export bench-runtime bench-calibration bench-routing bench-validation bench-int8 container-smoke
 
 install: $(VENV)/.installed
 
@@ -85,3 +85,6 @@ bench-routing: install
 
 bench-validation: install
 	$(BIN)/python bench/validation.py
+
+bench-int8: install
+	$(BIN)/python bench/int8.py

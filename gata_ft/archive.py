@@ -12,6 +12,7 @@ import tarfile
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -83,36 +84,90 @@ def open_tarball(path: Path) -> Iterator[tarfile.TarFile]:
 def member_sizes(path: Path) -> dict[str, int]:
     """Size of each member, by name, read from the headers (nothing is extracted)."""
     with open_tarball(path) as tar:
-        return {member.name.removeprefix("./"): member.size for member in tar}
+        members = checked_members(tar, path, Limits.from_env())
+        return {member.name.removeprefix("./"): member.size for member in members}
 
 
-def safe_extract(path: Path, destination: Path, only: set[str] | None = None) -> list[str]:
+@dataclass(frozen=True)
+class Limits:
+    """Caps on what a tarball may hold, so that a hostile one cannot fill the disk or memory.
+
+    Raise them with GATA_MAX_EXTRACT_MB, GATA_MAX_MEMBERS and GATA_MAX_METADATA_MB.
+    """
+
+    extract_bytes: int = 8192 * 2**20  # a bert-large artifact unpacks to about 3.5 GB
+    members: int = 10_000  # an artifact has about 20
+    metadata_bytes: int = 64 * 2**20  # metadata.json of 1,000 queues is under 2 MB
+
+    @classmethod
+    def from_env(cls) -> Limits:
+        def read(name: str, default: int, unit: int) -> int:
+            raw = os.environ.get(name, "")
+            if not raw:
+                return default
+            if not raw.isdigit():
+                raise ArtifactError(f"{name}: expected a whole number, found {raw!r}")
+            return int(raw) * unit
+
+        default = cls()
+        return cls(
+            read("GATA_MAX_EXTRACT_MB", default.extract_bytes, 2**20),
+            read("GATA_MAX_MEMBERS", default.members, 1),
+            read("GATA_MAX_METADATA_MB", default.metadata_bytes, 2**20),
+        )
+
+
+def checked_members(tar: tarfile.TarFile, path: Path, limits: Limits) -> list[tarfile.TarInfo]:
+    """Every member, refusing links, devices, names that point outside, and too many members."""
+    members = []
+    try:
+        for member in tar:
+            members.append(member)
+            if len(members) > limits.members:
+                raise ArtifactError(
+                    f"{path}: expected at most {limits.members:,} members, found more; "
+                    "raise GATA_MAX_MEMBERS if this tarball is genuine"
+                )
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise ArtifactError(f"{path}: the archive is truncated or corrupt: {e}") from e
+    for member in members:
+        name = member.name
+        parts = Path(name).parts
+        if name.startswith(("/", "\\")) or ".." in parts:
+            raise ArtifactError(f"{path}: refusing to extract {name!r}: it points outside")
+        if not (member.isfile() or member.isdir()):
+            kind = "a link" if member.issym() or member.islnk() else "a device or special file"
+            raise ArtifactError(f"{path}: refusing to extract {name!r}: it is {kind}")
+    return members
+
+
+def safe_extract(
+    path: Path, destination: Path, only: set[str] | None = None, limits: Limits | None = None
+) -> list[str]:
     """Extract a tarball we did not write, refusing anything but plain files and folders.
 
     Absolute names, `..`, links and devices are refused by name before a byte
-    is written; Python's `data` filter then applies the same rules again.
-    With `only`, just those member names are extracted.
+    is written; Python's `data` filter then applies the same rules again. The
+    members' declared sizes must fit `limits` (a gzip bomb is refused before it
+    is written). With `only`, just those member names are extracted.
     """
+    limits = limits or Limits.from_env()
     with open_tarball(path) as tar:
-        try:
-            members = tar.getmembers()
-        except (tarfile.TarError, EOFError, OSError) as e:
-            raise ArtifactError(f"{path}: the archive is truncated or corrupt: {e}") from e
-        for member in members:
-            name = member.name
-            parts = Path(name).parts
-            if name.startswith(("/", "\\")) or ".." in parts:
-                raise ArtifactError(f"{path}: refusing to extract {name!r}: it points outside")
-            if not (member.isfile() or member.isdir()):
-                kind = "a link" if member.issym() or member.islnk() else "a device or special file"
-                raise ArtifactError(f"{path}: refusing to extract {name!r}: it is {kind}")
+        members = checked_members(tar, path, limits)
         if only is not None:
             members = [m for m in members if m.name in only]
+        total = sum(m.size for m in members if m.isfile())
+        if total > limits.extract_bytes:
+            raise ArtifactError(
+                f"{path}: expected at most {limits.extract_bytes / 2**20:,.0f} MB unpacked, "
+                f"found members of {total / 2**20:,.0f} MB; raise GATA_MAX_EXTRACT_MB if this "
+                "tarball is genuine"
+            )
         # The data filter exists from Python 3.11.4 (Debian bookworm ships 3.11.2);
         # without it, the checks above are the whole defence, and they suffice.
         extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
         try:
             tar.extractall(destination, members=members, **extra)  # noqa: S202 - checked above
-        except (tarfile.TarError, EOFError, OSError) as e:
+        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
             raise ArtifactError(f"{path}: the archive is truncated or corrupt: {e}") from e
     return [m.name for m in members if m.isfile()]

@@ -18,7 +18,7 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 
 from gata_ft import __version__
-from gata_ft.archive import open_tarball, pack, sha256_file, sha256_stream
+from gata_ft.archive import Limits, checked_members, open_tarball, pack, sha256_file, sha256_stream
 from gata_ft.errors import ArtifactError
 from gata_ft.resources import schema_path
 
@@ -30,9 +30,10 @@ GOLDEN = "golden.json"
 ONNX_DIR = "onnx"
 FP32_GRAPH = "onnx/model.onnx"
 INT8_GRAPH = "onnx/model_quantized.onnx"
+VNNI_GRAPH = "onnx/model_quantized_vnni.onnx"  # for CPUs with VNNI: full 8-bit weights
 RECIPE = "onnx/recipe.json"
 SCOPE = "scope.npz"  # out-of-scope statistics (gata_ft.scope)
-GRAPHS = {"int8": INT8_GRAPH, "fp32": FP32_GRAPH}
+GRAPHS = {"int8": INT8_GRAPH, "int8-vnni": VNNI_GRAPH, "fp32": FP32_GRAPH}
 # What the runtime reads; the checkpoint beside them is for PyTorch loaders.
 RUNTIME_FILES = frozenset({METADATA, TOKENIZER, GOLDEN, SCOPE, *GRAPHS.values()})
 LIBRARIES = (
@@ -131,6 +132,7 @@ class ArtifactInfo:
     calibrated: bool  # a calibration was fitted (threshold None: route nothing)
     metadata: dict
     distance_threshold: float | None = None  # in scope at most this far from a queue
+    vnni_graph: str | None = None  # the graph to serve on CPUs with VNNI, when shipped
     fallback_label: int | None = None  # where tickets that are not routed go
 
     @classmethod
@@ -161,6 +163,15 @@ class ArtifactInfo:
                 f"{where}: {METADATA}: serve.graph: expected one of "
                 f"{', '.join(sorted(GRAPHS.values()))}, found {graph!r}"
             )
+        vnni = (metadata.get("serve") or {}).get("vnni") or None
+        vnni_graph = None
+        if vnni is not None:
+            vnni_graph = field("serve.vnni.graph", str, "onnx/model_quantized_vnni.onnx")
+            if vnni_graph != VNNI_GRAPH:
+                raise ArtifactError(
+                    f"{where}: {METADATA}: serve.vnni.graph: expected {VNNI_GRAPH}, found "
+                    f"{vnni_graph!r}"
+                )
         calibration = metadata.get("calibration") or {}
         threshold = distance = fallback = None
         if calibration.get("threshold") is not None:
@@ -179,6 +190,7 @@ class ArtifactInfo:
             metadata=metadata,
             distance_threshold=distance,
             fallback_label=fallback,
+            vnni_graph=vnni_graph,
         )
 
     @classmethod
@@ -187,6 +199,7 @@ class ArtifactInfo:
         path = folder / METADATA
         if not path.is_file():
             raise ArtifactError(f"{folder}: no {METADATA}: not a gata-ft model")
+        _check_metadata_size(path.stat().st_size, path)
         with path.open("rb") as f:
             return cls.of(_load_json(f, path), folder)
 
@@ -270,7 +283,35 @@ def read_tarball_metadata(path: Path) -> dict:
         data = tar.extractfile(member)
         if data is None:
             raise ArtifactError(f"{path}: {METADATA} is not a regular file")
+        _check_metadata_size(member.size, f"{path}: {METADATA}")
         return _load_json(data, f"{path}: {METADATA}")
+
+
+def _check_metadata_size(size: int, where) -> None:
+    cap = Limits.from_env().metadata_bytes
+    if size > cap:
+        raise ArtifactError(
+            f"{where}: expected at most {cap / 2**20:,.0f} MB of metadata, found "
+            f"{size / 2**20:,.0f} MB; raise GATA_MAX_METADATA_MB if this artifact is genuine"
+        )
+
+
+def verify_files(folder: Path, metadata: dict, names) -> None:
+    """Check each named file of an extracted artifact against its sha256 in the file table."""
+    table = metadata.get("files")
+    if not isinstance(table, dict):
+        raise ArtifactError(f"{folder}: {METADATA}: files: expected the file table, found none")
+    for name in names:
+        entry = table.get(name)
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+            raise ArtifactError(
+                f"{folder}: {name}: expected an entry in {METADATA}'s file table, found none"
+            )
+        if sha256_file(folder / name) != entry["sha256"]:
+            raise ArtifactError(
+                f"{folder / name}: does not match its sha256 in {METADATA}: the file was "
+                "changed after the export; re-export the model (gata-ft export)"
+            )
 
 
 def _load_json(stream, where) -> object:
@@ -287,7 +328,7 @@ def verify_tarball(path: Path) -> dict:
     expected = metadata.get("files", {})
     seen = set()
     with open_tarball(path) as tar:
-        for member in tar:
+        for member in checked_members(tar, path, Limits.from_env()):
             if member.name == METADATA:
                 continue
             if member.name not in expected:

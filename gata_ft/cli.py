@@ -252,7 +252,7 @@ def inspect(model: Path) -> None:
         click.echo(json.dumps(summary, indent=2))
 
 
-_GRAPH = click.Choice(["serve", "int8", "fp32"])
+_GRAPH = click.Choice(["serve", "int8", "int8-vnni", "fp32"])
 
 
 @cli.command()
@@ -298,27 +298,48 @@ def _read_texts(path: Path) -> list[str]:
 @cli.command()
 @click.argument("model", type=_PATH, required=False)
 @click.option("--host", default=ALL_INTERFACES, show_default=True, help="Address to listen on.")
-@click.option("--port", default=8080, show_default=True, type=int, help="Port to listen on.")
+@click.option(
+    "--port", type=int, help="Port to listen on. [env SAGEMAKER_BIND_TO_PORT, default 8080]"
+)
 @click.option("--graph", type=_GRAPH, default="serve", show_default=True,
               help="serve: the graph metadata.json names.")  # fmt: skip
 @click.option("--threads", default=0, show_default=True, help="onnxruntime threads (0: all cores).")
-def serve(model, host, port, graph, threads) -> None:
+@click.option("--no-verify-files", is_flag=True, help="Skip the sha256 check of the model's files.")
+def serve(model, host, port, graph, threads, no_verify_files) -> None:
     """Serve MODEL over HTTP: GET /ping, POST /invocations (SageMaker's inference contract).
 
     MODEL defaults to $SM_MODEL_DIR (/opt/ml/model), where SageMaker extracts model.tar.gz.
-    The golden samples are replayed before the server accepts requests.
+    The golden samples are replayed before the server accepts requests. SAGEMAKER_*
+    variables set the body limit, the timeout and the number of worker processes.
     """
+    loaded = None
     with _failure_guard(None):
+        import os
+
+        from gata_ft.failure import Terminated
         from gata_ft.runtime import Model
         from gata_ft.sagemaker import model_dir
+        from gata_ft.server import Settings, check_port, serve_workers
         from gata_ft.server import serve as run_server
 
-        model = model or model_dir()
-        loaded = Model.load(model, graph=graph, threads=threads)
+        settings = Settings.from_env()
+        port = port or int(os.environ.get("SAGEMAKER_BIND_TO_PORT") or 8080)
+        check_port(host, port)
+        loaded = Model.load(
+            model or model_dir(), graph=graph, threads=threads, verify_files=not no_verify_files
+        )
         if (loaded.folder / "golden.json").is_file():
             checked = loaded.verify_golden()
             click.echo(f"golden samples reproduced: {checked}", err=True)
-        run_server(loaded, host, port)
+        try:
+            if settings.workers > 1:
+                serve_workers(str(loaded.folder), graph, host, port, settings)
+            else:
+                run_server(loaded, host, port, settings)
+        except Terminated:  # uvicorn re-raises the SIGTERM it shut down on: a normal stop
+            click.echo("stopped on SIGTERM", err=True)
+        finally:
+            loaded.close()  # the extracted tarball, if any
 
 
 @contextmanager

@@ -14,6 +14,16 @@ import numpy as np
 FEATURES = "features"  # the graphs' second output: the classifier's input (BERT: the pooler)
 
 
+def has_vnni() -> bool:
+    """Whether this CPU multiplies u8 by s8 in 32 bits (AVX512-VNNI or AVX-VNNI): no saturation."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:  # noqa: PTH123 - Linux only
+            flags = next((line for line in cpuinfo if line.startswith("flags")), "").split()
+    except OSError:
+        return False  # not Linux: the portable graph
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
 class OnnxClassifier:
     """An exported sequence-classification graph and the tokenizer it was trained with."""
 

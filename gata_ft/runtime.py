@@ -10,6 +10,8 @@ it on a small serverless endpoint. A test checks that in a fresh interpreter.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,12 +21,22 @@ import numpy as np
 
 from gata_ft import text as text_rules
 from gata_ft.archive import safe_extract
-from gata_ft.artifact import GOLDEN, GRAPHS, RUNTIME_FILES, SCOPE, TOKENIZER, ArtifactInfo
+from gata_ft.artifact import (
+    GOLDEN,
+    GRAPHS,
+    METADATA,
+    RUNTIME_FILES,
+    SCOPE,
+    TOKENIZER,
+    ArtifactInfo,
+)
+from gata_ft.artifact import verify_files as check_files
 from gata_ft.errors import ArtifactError, GataError
-from gata_ft.inference import OnnxClassifier
+from gata_ft.inference import OnnxClassifier, has_vnni
 from gata_ft.metrics import softmax
 from gata_ft.scope import Scope
 
+log = logging.getLogger("gata_ft")
 CHARS_PER_TOKEN_LIMIT = 32  # texts are cut at max_length x this before tokenizing
 
 
@@ -59,16 +71,24 @@ class Prediction:
 class Model:
     """A gata-ft artifact ready to classify tickets on a CPU."""
 
-    def __init__(self, folder: Path, graph: str = "serve", threads: int = 0, normalize=True):
+    def __init__(
+        self,
+        folder: Path,
+        graph: str = "serve",
+        threads: int = 0,
+        normalize=True,
+        verify_files: bool = True,
+    ):
         self.folder = Path(folder)
         info = ArtifactInfo.read(self.folder)
         self.metadata = info.metadata
-        if graph == "serve":
-            self.graph = info.serve_graph
+        graph = os.environ.get("GATA_GRAPH") or graph
+        if graph == "serve":  # the fastest graph that passed the gate and is safe on this CPU
+            self.graph = info.vnni_graph if info.vnni_graph and has_vnni() else info.serve_graph
         elif graph in GRAPHS:
             self.graph = GRAPHS[graph]
         else:
-            raise ArtifactError(f"graph: expected serve, int8 or fp32, found {graph!r}")
+            raise ArtifactError(f"graph: expected serve, {', '.join(GRAPHS)}, found {graph!r}")
         self.labels = info.labels
         self.max_length = info.max_length
         self.pattern = info.text_pattern
@@ -78,34 +98,68 @@ class Model:
         self.fallback_label = info.fallback_label
         self.distance_threshold = info.distance_threshold
         self.scope = None
-        if info.distance_threshold is not None:
-            if not (self.folder / SCOPE).is_file():
-                raise ArtifactError(
-                    f"{self.folder}: metadata.json names an in-scope threshold, but {SCOPE} "
-                    "with its statistics is missing"
-                )
-            self.scope = Scope.load(self.folder / SCOPE)
         self.normalize = normalize
+        needed = [self.graph, TOKENIZER] + ([SCOPE] if info.distance_threshold is not None else [])
+        missing = [name for name in needed if not (self.folder / name).is_file()]
+        if missing:
+            raise ArtifactError(
+                f"{self.folder}: expected {', '.join(missing)} in the model, found "
+                f"{'it' if len(missing) == 1 else 'them'} missing; export it again "
+                "(gata-ft export)"
+            )
+        if (self.folder / GOLDEN).is_file():
+            needed.append(GOLDEN)
+        if verify_files:  # a changed graph answers wrongly without a word: refuse it
+            check_files(self.folder, self.metadata, needed)
+        if info.distance_threshold is not None:
+            self.scope = Scope.load(self.folder / SCOPE)
         self.classifier = OnnxClassifier(
             self.folder / self.graph, self.folder / TOKENIZER, self.max_length, threads
         )
 
     @classmethod
-    def load(cls, path: Path | str, graph="serve", threads=0, verify_golden=False, normalize=True):
-        """Load a model.tar.gz (extracting only what inference needs) or an extracted folder."""
+    def load(
+        cls,
+        path: Path | str,
+        graph="serve",
+        threads=0,
+        verify_golden=False,
+        normalize=True,
+        verify_files=True,
+    ):
+        """Load a model.tar.gz (extracting only what inference needs) or an extracted folder.
+
+        A folder holding no metadata.json but a model.tar.gz (a model folder tarred
+        again) loads that tarball. Every file read is checked against its sha256 in
+        metadata.json unless `verify_files` is false.
+        """
         path = Path(path)
+        nested = path / "model.tar.gz"
+        if path.is_dir() and not (path / METADATA).is_file() and nested.is_file():
+            log.warning("%s holds model.tar.gz rather than its files: loading that", path)
+            path = nested
         if path.is_file():
             scratch = tempfile.TemporaryDirectory(prefix="gata-ft-model-")
-            safe_extract(path, Path(scratch.name), only=set(RUNTIME_FILES))
-            model = cls(Path(scratch.name), graph, threads, normalize)
-            model._scratch = scratch  # removed with the model
+            try:
+                safe_extract(path, Path(scratch.name), only=set(RUNTIME_FILES))
+                model = cls(Path(scratch.name), graph, threads, normalize, verify_files)
+            except BaseException:
+                scratch.cleanup()
+                raise
+            model._scratch = scratch  # removed with the model, or by close()
         elif path.is_dir():
-            model = cls(path, graph, threads, normalize)
+            model = cls(path, graph, threads, normalize, verify_files)
         else:
             raise ArtifactError(f"{path}: no such model (a model.tar.gz or its extracted folder)")
         if verify_golden:
             model.verify_golden()
         return model
+
+    def close(self) -> None:
+        """Remove the folder a tarball was extracted to (nothing for a folder given)."""
+        scratch = getattr(self, "_scratch", None)
+        if scratch is not None:
+            scratch.cleanup()
 
     def verify_golden(self) -> int:
         """Replay golden.json; raise ArtifactError on a mismatch. Returns the texts checked."""

@@ -1,69 +1,319 @@
-"""The SageMaker inference contract over HTTP (FastAPI + uvicorn), on the ONNX runtime.
+"""SageMaker's inference contract over HTTP (Starlette + uvicorn), on the ONNX runtime.
 
-GET /ping           200 once the model is loaded
-POST /invocations   {"text": "..."}     -> {"prediction": {"label": "<id>", "probability": p}}
-                    {"texts": ["...", ...]} -> {"predictions": [...]}
+GET  /ping                  200 once the model is loaded
+GET  /execution-parameters  batch transform's settings
+POST /invocations           application/json      {"text": "..."} -> {"prediction": {...}},
+                                                  {"texts": [...]} -> {"predictions": [...]}
+                            application/jsonlines one ticket a line ({"text": ...} or "...")
+                            text/csv              one ticket a row, in its first column
+                            the Accept header picks the answer's type (default: the request's)
 """
 
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
 import json
+import os
+from dataclasses import dataclass
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
-from gata_ft.runtime import InputError, Model
+from gata_ft.errors import ConfigError
+from gata_ft.runtime import InputError, Model, Prediction
 
-MAX_BATCH = 256
+MAX_BATCH = 256  # texts in one application/json request
+MAX_RECORDS = 100_000  # lines or rows in one jsonlines or csv request (batch transform)
+INLINE_TEXTS = 8  # at most this many texts run on the event loop: no thread-pool hop
+JSON, JSONLINES, CSV = "application/json", "application/jsonlines", "text/csv"
+CONTENT_TYPES = {
+    JSON: JSON,
+    JSONLINES: JSONLINES,
+    "application/x-jsonlines": JSONLINES,
+    "application/jsonl": JSONLINES,
+    CSV: CSV,
+}
+CSV_COLUMNS = ("label", "probability", "route", "queue", "out_of_scope")
 
 
-def create_app(model: Model):
-    app = FastAPI(title="gata-ft router model", docs_url=None, redoc_url=None)
+@dataclass(frozen=True)
+class Settings:
+    """The server's limits, from SageMaker's environment variables."""
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
+    max_payload_bytes: int = 6 * 2**20  # SageMaker's real-time maximum
+    timeout_seconds: float = 60.0
+    workers: int = 1
 
-    @app.get("/ping")
-    def ping() -> Response:
+    @classmethod
+    def from_env(cls, env=None) -> Settings:
+        env = os.environ if env is None else env
+
+        def number(name: str, default: float, kind=int) -> float:
+            raw = env.get(name, "")
+            if not raw:
+                return default
+            try:
+                value = kind(raw)
+            except ValueError:
+                value = 0
+            if value <= 0:
+                raise ConfigError(f"{name}: expected a positive number, found {raw!r}")
+            return value
+
+        return cls(
+            max_payload_bytes=int(number("SAGEMAKER_MAX_PAYLOAD_IN_MB", 6, float) * 2**20),
+            timeout_seconds=number("SAGEMAKER_MODEL_SERVER_TIMEOUT", 60.0, float),
+            workers=int(number("SAGEMAKER_MODEL_SERVER_WORKERS", 1)),
+        )
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def create_app(model: Model, settings: Settings | None = None) -> Starlette:
+    settings = settings or Settings()
+
+    async def ping(request: Request) -> Response:
         return Response(status_code=200)
 
-    @app.post("/invocations")
-    async def invocations(request: Request) -> JSONResponse:
-        body = await request.body()
+    async def execution_parameters(request: Request) -> JSONResponse:
+        return JSONResponse(
+            {
+                "MaxConcurrentTransforms": settings.workers,
+                "BatchStrategy": "MULTI_RECORD",
+                "MaxPayloadInMB": settings.max_payload_bytes // 2**20,
+            }
+        )
+
+    async def invocations(request: Request) -> Response:
         try:
-            payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return error(
-                400, f"expected a JSON object with a 'text' field, found invalid JSON: {e}"
-            )
-        if not isinstance(payload, dict):
-            kind = type(payload).__name__
-            return error(400, f"expected a JSON object with a 'text' field, found {kind}")
-        top_k = payload.get("top_k", 0)
-        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
-            return error(400, f"top_k: expected a non-negative integer, found {top_k!r}")
-        if "text" in payload:
-            texts, single = [payload["text"]], True
-        elif "texts" in payload:
-            texts, single = payload["texts"], False
-            if not isinstance(texts, list) or not 1 <= len(texts) <= MAX_BATCH:
-                return error(400, f"'texts': expected a list of 1 to {MAX_BATCH} strings")
-        else:
-            keys = ", ".join(repr(k) for k in payload) or "none"
-            return error(400, f"expected a 'text' field (or 'texts'), found fields: {keys}")
-        try:
-            # onnxruntime releases the GIL: run it in the thread pool, not the event loop.
-            predictions = await run_in_threadpool(model.predict, texts, top_k)
+            kind = _content_type(request)
+            answer = _accept(request, kind)
+            body = await _body(request, settings.max_payload_bytes)
+            texts, top_k, single = _parse(body, kind)
+            if len(texts) <= INLINE_TEXTS:
+                predictions = model.predict(texts, top_k)
+            else:  # onnxruntime releases the GIL: /ping answers meanwhile
+                predictions = await asyncio.wait_for(
+                    run_in_threadpool(model.predict, texts, top_k), settings.timeout_seconds
+                )
+        except BadRequest as e:
+            return JSONResponse({"error": str(e)}, status_code=e.status)
         except InputError as e:
-            message = str(e).replace("texts[0]", "text") if single else str(e)
-            return error(400, message)
-        if single:
-            return JSONResponse({"prediction": predictions[0].to_dict()})
-        return JSONResponse({"predictions": [p.to_dict() for p in predictions]})
+            message = str(e)
+            if kind == JSON and single:
+                message = message.replace("texts[0]", "text")
+            elif kind != JSON:
+                message = _record_names(message)
+            return JSONResponse({"error": message}, status_code=400)
+        except TimeoutError:
+            return JSONResponse(
+                {"error": f"prediction took over {settings.timeout_seconds:g} s "
+                          "(SAGEMAKER_MODEL_SERVER_TIMEOUT)"},
+                status_code=504,
+            )  # fmt: skip
+        return _answer(predictions, answer, single)
 
-    return app
+    return Starlette(
+        routes=[
+            Route("/ping", ping, methods=["GET"]),
+            Route("/execution-parameters", execution_parameters, methods=["GET"]),
+            Route("/invocations", invocations, methods=["POST"]),
+        ]
+    )
 
 
-def serve(model: Model, host: str, port: int) -> None:
+def _content_type(request: Request) -> str:
+    raw = request.headers.get("content-type", JSON)
+    kind = CONTENT_TYPES.get(raw.split(";")[0].strip().lower())
+    if kind is None:
+        raise BadRequest(
+            415, f"Content-Type: expected {JSON}, {JSONLINES} or {CSV}, found {raw[:100]!r}"
+        )
+    return kind
+
+
+def _accept(request: Request, kind: str) -> str:
+    raw = request.headers.get("accept", "")
+    for part in raw.split(","):
+        wanted = part.split(";")[0].strip().lower()
+        if wanted in CONTENT_TYPES:
+            return CONTENT_TYPES[wanted]
+    if not raw.strip() or any(p.split(";")[0].strip() in ("*/*", "") for p in raw.split(",")):
+        return kind
+    raise BadRequest(406, f"Accept: expected {JSON}, {JSONLINES} or {CSV}, found {raw[:100]!r}")
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise BadRequest(413, _too_large(int(declared), limit))
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BadRequest(413, _too_large(size, limit))
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(size: int, limit: int) -> str:
+    return (
+        f"expected a body of at most {limit / 2**20:g} MB (SAGEMAKER_MAX_PAYLOAD_IN_MB), "
+        f"found {'at least ' if size == limit + 1 else ''}{size / 2**20:.1f} MB"
+    )
+
+
+def _parse(body: bytes, kind: str) -> tuple[list, int, bool]:
+    """(texts, top_k, single) from a request body; BadRequest (400) for anything malformed."""
+    try:
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise BadRequest(
+            400, f"expected UTF-8, found byte 0x{body[e.start]:02x} at {e.start}"
+        ) from None
+    if kind == CSV:
+        try:
+            rows = [r for r in csv.reader(io.StringIO(text, newline="")) if r and r[0].strip()]
+        except csv.Error as e:
+            raise BadRequest(400, f"expected CSV (RFC 4180), found {e}") from e
+        return _records([r[0] for r in rows], "row"), 0, False
+    if kind == JSONLINES:
+        texts = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                texts.append(_line_text(_json(line, f"line {number}: "), number))
+        return _records(texts, "line"), 0, False
+    payload = _json(text, "")
+    if not isinstance(payload, dict):
+        kind_found = type(payload).__name__
+        raise BadRequest(400, f"expected a JSON object with a 'text' field, found {kind_found}")
+    top_k = payload.get("top_k", 0)
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 0 <= top_k <= 10_000:
+        shown = json.dumps(top_k)[:40] if not isinstance(top_k, int) else str(top_k)[:40]
+        raise BadRequest(400, f"top_k: expected an integer from 0 to 10000, found {shown}")
+    if "text" in payload:
+        return [payload["text"]], top_k, True
+    if "texts" in payload:
+        texts = payload["texts"]
+        if not isinstance(texts, list) or not 1 <= len(texts) <= MAX_BATCH:
+            raise BadRequest(400, f"'texts': expected a list of 1 to {MAX_BATCH} strings")
+        return texts, top_k, False
+    keys = ", ".join(repr(k)[:40] for k in list(payload)[:10]) or "none"
+    raise BadRequest(400, f"expected a 'text' field (or 'texts'), found fields: {keys}")
+
+
+def _json(text: str, where: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        found = f"invalid JSON: {e.msg} (column {e.colno})"
+    except RecursionError:
+        found = "JSON nested too deeply"
+    except ValueError as e:  # an integer of more than 4,300 digits
+        found = f"invalid JSON: {str(e)[:80]}"
+    first = "a JSON object with a 'text' field" if not where else '{"text": ...} or a string'
+    raise BadRequest(400, f"{where}expected {first}, found {found}")
+
+
+def _line_text(record, number: int):
+    if isinstance(record, str):
+        return record
+    if isinstance(record, dict) and "text" in record:
+        return record["text"]
+    found = type(record).__name__ if not isinstance(record, dict) else "an object without 'text'"
+    raise BadRequest(400, f'line {number}: expected {{"text": ...}} or a string, found {found}')
+
+
+def _records(texts: list, unit: str) -> list:
+    if not texts:
+        raise BadRequest(400, f"expected at least one {unit} with a text, found none")
+    if len(texts) > MAX_RECORDS:
+        raise BadRequest(400, f"expected at most {MAX_RECORDS:,} {unit}s, found {len(texts):,}")
+    return texts
+
+
+def _record_names(message: str) -> str:
+    """texts[4] -> record 5 (a line or a row, counted from 1)."""
+    import re
+
+    return re.sub(r"texts\[(\d+)\]", lambda m: f"record {int(m.group(1)) + 1}", message)
+
+
+def _answer(predictions: list[Prediction], kind: str, single: bool) -> Response:
+    rows = [p.to_dict() for p in predictions]
+    if kind == JSON:
+        body = {"prediction": rows[0]} if single else {"predictions": rows}
+        return Response(json.dumps(body, separators=(",", ":")), media_type=JSON)
+    if kind == JSONLINES:
+        text = "".join(json.dumps(row, separators=(",", ":")) + "\n" for row in rows)
+        return Response(text, media_type=JSONLINES)
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    for row in rows:
+        writer.writerow(["" if row.get(c) is None else row.get(c) for c in CSV_COLUMNS])
+    return Response(out.getvalue(), media_type=CSV)
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail with a clear error when the port is taken, before loading anything else."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise ConfigError(
+                f"port {port} on {host}: expected a free port, found {e.strerror or e}; stop "
+                "what listens there or pass --port (SAGEMAKER_BIND_TO_PORT)"
+            ) from None
+
+
+def serve(model: Model, host: str, port: int, settings: Settings | None = None) -> None:
+    """Run the server in this process (one worker)."""
     import uvicorn
 
-    uvicorn.run(create_app(model), host=host, port=port, log_level="info", access_log=False)
+    settings = settings or Settings.from_env()
+    uvicorn.run(
+        create_app(model, settings), host=host, port=port, log_level="info", access_log=False
+    )
+
+
+def serve_workers(model_path: str, graph: str, host: str, port: int, settings: Settings) -> None:
+    """Run `settings.workers` processes, each loading the model (SAGEMAKER_MODEL_SERVER_WORKERS)."""
+    import uvicorn
+
+    threads = max(1, (os.cpu_count() or 1) // settings.workers)
+    os.environ.update(
+        {"GATA_SERVE_MODEL": model_path, "GATA_SERVE_GRAPH": graph,
+         "GATA_SERVE_THREADS": str(threads)}
+    )  # fmt: skip
+    uvicorn.run(
+        "gata_ft.server:worker_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=settings.workers,
+        log_level="info",
+        access_log=False,
+    )
+
+
+def worker_app() -> Starlette:
+    """One worker process's app: the model named by serve_workers."""
+    model = Model.load(
+        os.environ["GATA_SERVE_MODEL"],
+        graph=os.environ.get("GATA_SERVE_GRAPH", "serve"),
+        threads=int(os.environ.get("GATA_SERVE_THREADS", "0")),
+    )
+    return create_app(model, Settings.from_env())

@@ -111,3 +111,40 @@ def test_strict_parity_fails_instead(tmp_path, trained_artifact):
     )
     assert result.stderr.rstrip().endswith("failing because --strict-parity is set")
     assert not out.exists()
+
+
+def test_a_damaged_int8_graph_fails_the_gate(tmp_path, trained_artifact):
+    """One queue's head row scaled down in the shipped int8 graph: the gate must notice."""
+    import onnx
+    from onnx import numpy_helper
+
+    from gata_ft.examples import write_example
+    from gata_ft.export.reference import onnx_logits
+
+    folder = trained_artifact["dir"]
+    data = write_example(tmp_path / "data", train_per_queue=1, test_per_queue=30)
+    rows = [json.loads(line) for line in (data / "test" / "data.json").open()]
+    labels = [
+        entry["label"] for entry in json.loads((folder / "metadata.json").read_text())["labels"]
+    ]
+    texts, truth = [r["text"] for r in rows], np.array([labels.index(r["label"]) for r in rows])
+    graph = onnx.load(str(folder / "onnx" / "model_quantized.onnx"))
+    scale = next(
+        t for t in graph.graph.initializer if t.name == "classifier.weight_Transposed_scale"
+    )
+    bias = next(t for t in graph.graph.initializer if t.name == "classifier.bias")
+    reference = onnx_logits(folder / "onnx" / "model.onnx", folder / "tokenizer.json", texts, 64, 1)
+    victim = int(np.bincount(reference.argmax(-1)).argmax())  # a queue fp32 predicts often
+    values, offsets = numpy_helper.to_array(scale).copy(), numpy_helper.to_array(bias).copy()
+    values[victim] *= 0.01  # the queue's row of the head, scaled
+    offsets[victim] -= 20.0
+    scale.CopyFrom(numpy_helper.from_array(values, scale.name))
+    bias.CopyFrom(numpy_helper.from_array(offsets, bias.name))
+    damaged = tmp_path / "damaged.onnx"
+    onnx.save(graph, str(damaged))
+    predicted = onnx_logits(damaged, folder / "tokenizer.json", texts, 64, 1).argmax(-1)
+    result = compare(reference.argmax(-1), predicted, truth, len(labels))
+    failures = gate_failures(result, Recipe.load("avx2").parity, labels)
+    assert failures[0].startswith("accuracy drop up to ")
+    assert any(f.startswith(f"label {labels[victim]}: ") for f in failures)
+    assert victim in [t.class_id for t in result.harmed]

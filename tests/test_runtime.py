@@ -14,6 +14,7 @@ from gata_ft.archive import safe_extract
 from gata_ft.cli import cli
 from gata_ft.errors import ArtifactError
 from gata_ft.export.reference import onnx_logits
+from gata_ft.inference import has_vnni
 from gata_ft.metrics import softmax
 from gata_ft.runtime import InputError, Model
 
@@ -33,7 +34,21 @@ def test_predictions_equal_the_export_stage_onnx_predictions(trained_artifact, m
     labels = [e["label"] for e in model.metadata["labels"]]
     assert [p.label for p in got] == [labels[i] for i in expected.argmax(-1)]
     np.testing.assert_allclose([p.probability for p in got], expected.max(-1), atol=1e-6)
-    assert model.graph == model.metadata["serve"]["graph"]
+    # the graph metadata.json names, or its VNNI companion on a CPU with VNNI
+    serve = model.metadata["serve"]
+    assert model.graph == (serve["vnni"]["graph"] if has_vnni() else serve["graph"])
+
+
+def test_the_vnni_graph_is_chosen_by_the_cpu_and_can_be_overridden(trained_artifact, monkeypatch):
+    import gata_ft.runtime as runtime
+
+    folder = trained_artifact["dir"]
+    monkeypatch.setattr(runtime, "has_vnni", lambda: True)
+    assert Model.load(folder).graph == "onnx/model_quantized_vnni.onnx"
+    monkeypatch.setattr(runtime, "has_vnni", lambda: False)
+    assert Model.load(folder).graph == "onnx/model_quantized.onnx"  # portable: no saturation
+    monkeypatch.setenv("GATA_GRAPH", "int8-vnni")
+    assert Model.load(folder).graph == "onnx/model_quantized_vnni.onnx"
 
 
 def test_predict_returns_queue_ids_and_top_k(model):
@@ -118,8 +133,10 @@ def test_golden_samples_pass_and_a_mismatch_is_detected(tmp_path, trained_artifa
     golden = json.loads((folder / "golden.json").read_text())
     golden["texts"][0] = golden["texts"][1]  # a drifted tokenizer sees other tokens
     (folder / "golden.json").write_text(json.dumps(golden))
+    with pytest.raises(ArtifactError, match=r"golden.json: does not match its sha256"):
+        Model.load(folder, verify_golden=True)  # the file table catches the edit first
     with pytest.raises(ArtifactError, match=r"^golden sample 0 \("):
-        Model.load(folder, verify_golden=True)
+        Model.load(folder, verify_golden=True, verify_files=False)
 
 
 def test_wrong_format_version_is_refused(tmp_path, trained_artifact):

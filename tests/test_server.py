@@ -91,7 +91,7 @@ def test_server_round_trip(server, model):
         (b'{"text": 42}', "text: expected a string, found int"),
         (b'{"text": "   "}', "text: expected some words, found an empty text"),
         (b'{"texts": []}', "'texts': expected a list of 1 to 256 strings"),
-        (b'{"text": "hi", "top_k": -1}', "top_k: expected a non-negative integer, found -1"),
+        (b'{"text": "hi", "top_k": -1}', "top_k: expected an integer from 0 to 10000, found -1"),
     ],
 )
 def test_server_rejects_bad_payloads_with_400(server, body, message):

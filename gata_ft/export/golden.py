@@ -23,7 +23,9 @@ def golden_texts(texts: Sequence[str]) -> list[str]:
     return distinct[::step][:GOLDEN_COUNT]
 
 
-def write_golden(content: Path, texts: list[str], max_length: int) -> str | None:
+def write_golden(
+    content: Path, texts: list[str], max_length: int, graphs: list[str] | None = None
+) -> str | None:
     """golden.json: texts and each graph's probabilities, one text per call (batch 1).
 
     A loader replays them one at a time: int8 scores depend on the batch.
@@ -31,7 +33,7 @@ def write_golden(content: Path, texts: list[str], max_length: int) -> str | None
     if not texts:
         return None
     probabilities = {}
-    for graph in (FP32_GRAPH, INT8_GRAPH):
+    for graph in graphs or (FP32_GRAPH, INT8_GRAPH):
         model = OnnxClassifier(content / graph, content / TOKENIZER, max_length)
         logits = np.concatenate([model.logits([text]) for text in texts])
         probabilities[graph] = np.round(softmax(logits), 6).tolist()

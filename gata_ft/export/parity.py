@@ -99,6 +99,7 @@ class GateInputs:
     recipe: Recipe
     evaluation: EvalSet
     work: Path  # scratch space for the variants
+    target: str = INT8_GRAPH  # where the chosen graph goes, relative to content
 
     @property
     def tokenizer_file(self) -> Path:
@@ -207,11 +208,11 @@ def gate(inputs: GateInputs, strict: bool, emit: Callable[[str], None]):
     best = len(attempts) - 1
     if not attempts[best].passed:
         best = max(range(len(attempts)), key=lambda j: attempts[j].scores["accuracy"])
-    shutil.copy2(graphs[best], inputs.content / INT8_GRAPH)
+    shutil.copy2(graphs[best], inputs.content / inputs.target)
     chosen = attempts[best].settings
     if attempts[best].passed:
         serve = {
-            "graph": INT8_GRAPH,
+            "graph": inputs.target,
             "precision": "int8",
             "reason": f"int8 ({chosen['variant']}) passed the parity gate of recipe {recipe.name}",
         }
@@ -220,8 +221,9 @@ def gate(inputs: GateInputs, strict: bool, emit: Callable[[str], None]):
         message = f"no int8 variant of recipe {recipe.name} passed the parity gate ({why})"
         if strict:
             raise ExportError(message + "; failing because --strict-parity is set")
-        log.warning("%s; SERVING THE FP32 GRAPH INSTEAD", message)
-        emit(f"WARNING: {message}. The fp32 graph {FP32_GRAPH} will be served.")
+        if inputs.target == INT8_GRAPH:
+            log.warning("%s; SERVING THE FP32 GRAPH INSTEAD", message)
+            emit(f"WARNING: {message}. The fp32 graph {FP32_GRAPH} will be served.")
         serve = {"graph": FP32_GRAPH, "precision": "fp32", "reason": message}
     parity = {
         "checked": True,

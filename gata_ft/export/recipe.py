@@ -46,6 +46,7 @@ _TOP = {
     "quantization": (dict, "an object of quantization settings", True),
     "fallbacks": (list, "a list of objects, each with a label", False),
     "parity": (dict, "an object of parity thresholds", False),
+    "companion": (str, "the name of a recipe for CPUs with VNNI, shipped beside", False),
 }
 _QUANTIZATION = {
     "preset": (str, f"one of {', '.join(PRESETS)}", False),
@@ -114,6 +115,7 @@ class Recipe:
     variants: tuple[Variant, ...]
     parity: Thresholds
     source: dict = field(repr=False, compare=False)
+    companion: str | None = None  # a second recipe, gated on its own, for VNNI CPUs
 
     @classmethod
     def load(cls, name_or_path: str | Path) -> Recipe:
@@ -140,6 +142,12 @@ class Recipe:
             overrides = _variant_fields({k: v for k, v in fallback.items() if k != "label"})
             variants.append(replace(variants[0], label=fallback["label"], **overrides))
         parity = _check(data.get("parity", {}), _PARITY, f"{where}: parity", "parity thresholds")
+        companion = data.get("companion")
+        if companion is not None and companion not in known_recipes():
+            raise ConfigError(
+                f"{where}: companion: expected one of {', '.join(known_recipes())}, "
+                f"found {companion!r}"
+            )
         return cls(
             name=data["name"],
             description=data.get("description", ""),
@@ -150,6 +158,7 @@ class Recipe:
             variants=tuple(variants),
             parity=Thresholds(**parity),
             source=data,
+            companion=data.get("companion"),
         )
 
 
