@@ -1,5 +1,7 @@
 # syntax=docker/dockerfile:1
-# gata-ft: the SageMaker training image (`docker run IMAGE train`), offline at run time.
+# gata-ft: the SageMaker training image (`docker run IMAGE train`, the default target), offline
+# at run time, and the serving image (`--target serve`: `docker run IMAGE serve`), without torch,
+# transformers or optimum.
 #
 # Build arguments:
 #   BASE_MODEL          model id or path the job trains by default (GATA_BASE_MODEL)
@@ -27,6 +29,29 @@ COPY gata_ft /src/gata_ft
 COPY schemas /src/schemas
 COPY export /src/export
 RUN /opt/venv/bin/pip install --no-deps /src
+
+# The serving image's environment: the base install and the [serve] extra, no torch.
+FROM ${PYTHON_IMAGE} AS serve-builder
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+RUN python3 -m venv /opt/venv
+COPY pyproject.toml /src/pyproject.toml
+RUN /opt/venv/bin/python -c "import tomllib; p = tomllib.load(open('/src/pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['serve']))" > /tmp/requirements.txt \
+ && /opt/venv/bin/pip install -r /tmp/requirements.txt
+COPY README.md /src/README.md
+COPY gata_ft /src/gata_ft
+COPY schemas /src/schemas
+COPY export /src/export
+RUN /opt/venv/bin/pip install --no-deps /src \
+ && /opt/venv/bin/python -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) for m in ('torch', 'transformers', 'optimum')))"
+
+FROM ${PYTHON_IMAGE} AS serve
+COPY --from=serve-builder /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1
+EXPOSE 8080
+# SageMaker starts an endpoint's container with the argument `serve` and the model in /opt/ml/model.
+ENTRYPOINT ["gata-ft"]
+CMD ["serve"]
 
 FROM builder AS model
 ARG BASE_MODEL=bert-base-uncased

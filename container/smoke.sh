@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Container smoke test: build the image with the packaged MiniLM as base model, run
 # `train` on the built-in example exactly as the README shows, check the tarball,
-# then check that a bad data file fails cleanly. Uses docker where an engine
-# answers, podman otherwise.  Run: make container-smoke
+# then check that a bad data file fails cleanly; build the serving image and serve
+# the trained model as a SageMaker endpoint does, with each content type. Uses
+# docker where an engine answers, podman otherwise.  Run: make container-smoke
 set -euo pipefail
 cd "$(dirname "$0")/.."
 IMAGE=${IMAGE:-gata-ft:smoke}
@@ -24,7 +25,7 @@ fi
 $ENGINE build "${NET[@]}" -t "$IMAGE" "${build_args[@]}" .
 built=$(date +%s)
 
-rm -rf "$WORK" && mkdir -p "$WORK" && cd "$WORK"
+rm -rf "$WORK" && mkdir -p "$WORK/container" && cp container/endpoint_check.py "$WORK/container/" && cd "$WORK"
 docker() { "$ENGINE" "$1" "${NET[@]}" "${@:2}"; }  # the README's commands, on this engine
 
 # --- the README's local run, as written there ---
@@ -64,5 +65,21 @@ set -e
 test "$code" -ne 0 || { echo "bad data: expected a non-zero exit" >&2; exit 1; }
 grep -q "label: expected a non-negative integer, found 1.5 (a float)" bad/output/failure
 test -z "$(ls bad/model)" || { echo "bad data: the model dir is not empty" >&2; exit 1; }
+
+echo "== the serving image: serve the trained model as a SageMaker endpoint does"
+cd - >/dev/null
+$ENGINE build "${NET[@]}" --target serve -t "$IMAGE-serve" .
+cd "$WORK"
+mkdir -p endpoint/model && tar xzf opt_ml/model/model.tar.gz -C endpoint/model  # SageMaker extracts it
+for image in "$IMAGE-serve" "$IMAGE"; do
+  port=$((18080 + RANDOM % 1000))
+  t0=$(date +%s.%N)
+  name=$(docker run -d --rm -e SAGEMAKER_BIND_TO_PORT=$port -v "$PWD/endpoint/model:/opt/ml/model" "$image" serve)
+  python3 container/endpoint_check.py "http://127.0.0.1:$port" "$t0" "$image" || { "$ENGINE" logs "$name"; "$ENGINE" stop "$name"; exit 1; }
+  "$ENGINE" stop "$name" >/dev/null
+done
+for image in "$IMAGE" "$IMAGE-serve"; do
+  echo "== image $image: $(( $("$ENGINE" image inspect --format '{{.Size}}' "$image") / 1000000 )) MB"
+done
 finished=$(date +%s)
 echo "== container smoke test passed: build $((built - started)) s, runs $((finished - built)) s, total $((finished - started)) s (exit code on bad data: $code)"

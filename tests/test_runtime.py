@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -210,3 +211,101 @@ def test_predict_command_errors(tmp_path, trained_artifact):
     result = CliRunner().invoke(cli, ["predict", str(tmp_path / "nope.tar.gz"), "-t", "x"])
     assert result.exit_code == 1
     assert "no such model" in result.stderr
+
+
+def repack(folder: Path, out: Path, skip=()) -> Path:
+    import tarfile
+
+    with tarfile.open(out, "w:gz") as tar:
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            name = path.relative_to(folder).as_posix()
+            if not any(name.startswith(s) for s in skip):
+                tar.add(path, arcname=name)
+    return out
+
+
+def predict_cli(model_path) -> object:
+    return CliRunner().invoke(cli, ["predict", str(model_path), "-t", FIXED[0]])
+
+
+def one_error(result, fragment: str):
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert [line for line in result.stderr.splitlines() if line.startswith("Error: ")] == [
+        line for line in result.stderr.splitlines() if line.strip()
+    ][:1]
+    assert fragment in result.stderr
+
+
+def test_an_altered_graph_is_refused_at_load(tmp_path, trained_artifact):
+    import onnx
+    from onnx import numpy_helper
+
+    folder = tmp_path / "model"
+    safe_extract(trained_artifact["tarball"], folder)
+    for name in ("onnx/model_quantized.onnx", "onnx/model_quantized_vnni.onnx"):
+        graph = onnx.load(str(folder / name))
+        bias = next(t for t in graph.graph.initializer if t.name == "classifier.bias")
+        values = numpy_helper.to_array(bias).copy()
+        values[0] += 1.0  # the classifier's bias changed, metadata untouched
+        bias.CopyFrom(numpy_helper.from_array(values, bias.name))
+        onnx.save(graph, str(folder / name))
+    tarball = repack(folder, tmp_path / "altered.tar.gz")
+    for path in (folder, tarball):
+        one_error(predict_cli(path), "does not match its sha256 in metadata.json")
+    result = CliRunner().invoke(cli, ["inspect", str(tarball)])
+    assert result.exit_code == 1
+    model = Model.load(folder, verify_files=False)  # the opt-out, for whoever must
+    assert model.predict(FIXED[:1])
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        (lambda m: [1, 2, 3], "expected metadata.json to hold a JSON object, found list"),
+        (lambda m: {k: v for k, v in m.items() if k != "serve"}, "serve.graph: expected one of"),
+        (lambda m: {**m, "serve": {"graph": "../../../../etc/passwd"}},
+         "serve.graph: expected one of onnx/model.onnx"),
+        (lambda m: {**m, "max_length": "lots"},
+         'max_length: expected a positive integer, found "lots"'),
+    ],
+)  # fmt: skip
+def test_broken_metadata_is_one_error_naming_the_field(tmp_path, trained_artifact, change,
+                                                        fragment):  # fmt: skip
+    folder = tmp_path / "model"
+    safe_extract(trained_artifact["tarball"], folder)
+    metadata = json.loads((folder / "metadata.json").read_text())
+    (folder / "metadata.json").write_text(json.dumps(change(metadata)))
+    one_error(predict_cli(folder), fragment)
+    (folder / "metadata.json").write_text("{not json")
+    one_error(predict_cli(folder), "metadata.json: expected JSON, found invalid JSON")
+
+
+def test_a_tarball_without_onnx_is_one_error(tmp_path, trained_artifact):
+    folder = tmp_path / "model"
+    safe_extract(trained_artifact["tarball"], folder)
+    tarball = repack(folder, tmp_path / "no-onnx.tar.gz", skip=("onnx/",))
+    one_error(predict_cli(tarball), "onnx/model_quantized")
+
+
+def test_extraction_caps_refuse_a_gzip_bomb_and_huge_metadata(tmp_path, monkeypatch):
+    import io
+    import tarfile
+
+    bomb = tmp_path / "bomb.tar.gz"
+    with tarfile.open(bomb, "w:gz") as tar:
+        info = tarfile.TarInfo("onnx/model.onnx")
+        info.size = 64 * 2**20  # zeros compress to almost nothing
+        tar.addfile(info, io.BytesIO(bytes(info.size)))
+        meta = tarfile.TarInfo("metadata.json")
+        meta.size = 2 * 2**20
+        tar.addfile(meta, io.BytesIO(b" " * meta.size))
+    monkeypatch.setenv("GATA_MAX_EXTRACT_MB", "32")
+    out = tmp_path / "out"
+    one_error(predict_cli(bomb), "expected at most 32 MB unpacked, found members of 66 MB; "
+                                 "raise GATA_MAX_EXTRACT_MB")  # fmt: skip
+    assert not out.exists()
+    monkeypatch.setenv("GATA_MAX_EXTRACT_MB", "1000")
+    monkeypatch.setenv("GATA_MAX_METADATA_MB", "1")
+    result = CliRunner().invoke(cli, ["inspect", str(bomb)])
+    one_error(result, "expected at most 1 MB of metadata, found 2 MB; raise GATA_MAX_METADATA_MB")

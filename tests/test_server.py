@@ -126,3 +126,208 @@ def test_serve_refuses_a_missing_model(tmp_path):
     assert result.returncode == 1
     assert "no such model" in result.stderr
     assert Path(tmp_path).exists()
+
+
+def request(url: str, path: str, body: bytes | None = None, headers: dict | None = None):
+    """(status, headers, body bytes) of one request; any HTTP status is an answer."""
+    method = "POST" if body is not None else "GET"
+    req = urllib.request.Request(url + path, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+JSONL = {"Content-Type": "application/jsonlines"}
+
+
+def test_json_lines_in_and_out(server, model):
+    lines = [
+        json.dumps({"text": FIXED[0]}),
+        json.dumps(FIXED[1]),
+        "",
+        json.dumps({"text": FIXED[2]}),
+    ]
+    status, headers, body = request(server, "/invocations", "\n".join(lines).encode(), JSONL)
+    assert status == 200
+    assert headers["content-type"].startswith("application/jsonlines")
+    answers = [json.loads(line) for line in body.decode().splitlines()]
+    assert answers == [p.to_dict() for p in model.predict([FIXED[0], FIXED[1], FIXED[2]])]
+
+
+def test_csv_in_and_out_with_rfc_4180_quoting(server, model):
+    rows = f'"{FIXED[0]}, with a comma"\n{FIXED[1]}\n"a ""quoted"" {FIXED[2]}"\n'
+    status, headers, body = request(server, "/invocations", rows.encode(),
+                                    {"Content-Type": "text/csv"})  # fmt: skip
+    assert status == 200
+    assert headers["content-type"].startswith("text/csv")
+    import csv
+    import io
+
+    answers = list(csv.reader(io.StringIO(body.decode())))
+    expected = model.predict([f"{FIXED[0]}, with a comma", FIXED[1], f'a "quoted" {FIXED[2]}'])
+    assert [row[0] for row in answers] == [str(p.label) for p in expected]
+    assert [float(row[1]) for row in answers] == [round(p.probability, 6) for p in expected]
+    assert len(answers[0]) == 5  # label, probability, route, queue, out_of_scope
+
+
+def test_accept_picks_the_answer_type(server):
+    body = json.dumps({"texts": FIXED[:2]}).encode()
+    headers = {"Content-Type": "application/json", "Accept": "application/jsonlines"}
+    status, answer_headers, answer = request(server, "/invocations", body, headers)
+    assert status == 200
+    assert answer_headers["content-type"].startswith("application/jsonlines")
+    assert len(answer.decode().splitlines()) == 2
+    headers["Accept"] = "text/csv"
+    assert request(server, "/invocations", body, headers)[2].decode().count("\n") == 2
+    headers["Accept"] = "image/png"
+    status, _, answer = request(server, "/invocations", body, headers)
+    assert status == 406
+    assert json.loads(answer)["error"].startswith("Accept: expected application/json")
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status", "message"),
+    [
+        (b"hello", {"Content-Type": "text/plain"}, 415,
+         "Content-Type: expected application/json, application/jsonlines or text/csv, found "
+         "'text/plain'"),
+        (b"[" * 100_000 + b"]" * 100_000, {}, 400, "found JSON nested too deeply"),
+        (b'{"text": "hi", "top_k": ' + b"9" * 5000 + b"}", {}, 400, "invalid JSON: "),
+        (b'{"text": "hi", "top_k": 100000}', {}, 400,
+         "top_k: expected an integer from 0 to 10000, found 100000"),
+        (b"\xff\xfe{", {}, 400, "expected UTF-8, found byte 0xff at 0"),
+        (b'{"text": "ok"}\n[1]\n', JSONL, 400,
+         'line 2: expected {"text": ...} or a string, found list'),
+        (b'{"text": "ok"}\n{bad\n', JSONL, 400, "line 2: expected "),
+        (b'"ok"\n"   "\n', JSONL, 400, "record 2: expected some words, found an empty text"),
+        (b"\n\n", JSONL, 400, "expected at least one line with a text, found none"),
+        (b'"unclosed\n', {"Content-Type": "text/csv"}, 400, "expected CSV (RFC 4180)"),
+    ],
+)  # fmt: skip
+def test_every_malformed_body_is_a_4xx_never_a_500(server, body, headers, status, message):
+    got, _, answer = request(server, "/invocations", body, {"Content-Type": "application/json",
+                                                            **headers})  # fmt: skip
+    assert got == status
+    assert message in json.loads(answer)["error"]
+
+
+def test_execution_parameters_for_batch_transform(server):
+    status, _, body = request(server, "/execution-parameters")
+    assert status == 200
+    assert json.loads(body) == {
+        "MaxConcurrentTransforms": 1,
+        "BatchStrategy": "MULTI_RECORD",
+        "MaxPayloadInMB": 6,
+    }
+
+
+def start_server(folder: Path, env: dict | None = None, args=()):
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gata_ft", "serve", str(folder), "--host", "127.0.0.1",
+         "--port", str(port), *args],
+        env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if urllib.request.urlopen(url + "/ping", timeout=1).status == 200:
+                return process, url
+        except OSError:
+            time.sleep(0.2)
+    process.kill()
+    pytest.fail("server did not start: " + process.stdout.read())
+
+
+def test_the_body_limit_follows_sagemaker_max_payload(trained_artifact):
+    process, url = start_server(trained_artifact["tarball"], {"SAGEMAKER_MAX_PAYLOAD_IN_MB": "1"})
+    try:
+        import http.client
+
+        # a 1.4 MB body announced: the server answers 413 before reading it
+        connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=10)
+        connection.putrequest("POST", "/invocations")
+        connection.putheader("Content-Type", "application/json")
+        connection.putheader("Content-Length", str(1_400_000))
+        connection.endheaders()
+        response = connection.getresponse()
+        assert response.status == 413
+        assert json.loads(response.read())["error"] == (
+            "expected a body of at most 1 MB (SAGEMAKER_MAX_PAYLOAD_IN_MB), found 1.3 MB"
+        )
+        connection.close()
+        assert json.loads(request(url, "/execution-parameters")[2])["MaxPayloadInMB"] == 1
+        status, _, _ = request(url, "/invocations", json.dumps({"text": FIXED[0]}).encode(),
+                               {"Content-Type": "application/json"})  # fmt: skip
+        assert status == 200
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+def test_sigterm_and_sigint_remove_the_extraction_folder(trained_artifact, tmp_path):
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        scratch = tmp_path / f"tmp-{sig.name}"
+        scratch.mkdir()
+        process, _ = start_server(trained_artifact["tarball"], {"TMPDIR": str(scratch)})
+        assert len(list(scratch.glob("gata-ft-model-*"))) == 1  # the extracted tarball
+        process.send_signal(sig)
+        out, _ = process.communicate(timeout=30)
+        assert process.returncode == 0, out
+        assert list(scratch.glob("gata-ft-*")) == []
+        assert "Traceback" not in out
+
+
+def test_a_port_in_use_is_one_error_line(trained_artifact):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "gata_ft", "serve", str(trained_artifact["tarball"]),
+             "--host", "127.0.0.1", "--port", str(port)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"Error: port {port} on 127.0.0.1: expected a free port, found")
+    assert "Traceback" not in result.stderr
+
+
+def test_a_model_folder_holding_a_tarball_is_loaded_with_a_notice(trained_artifact, tmp_path):
+    import shutil
+
+    folder = tmp_path / "opt-ml-model"
+    folder.mkdir()
+    shutil.copy2(
+        trained_artifact["tarball"], folder / "model.tar.gz"
+    )  # a model folder tarred again
+    process, url = start_server(folder)
+    try:
+        status, _, _ = request(url, "/invocations", json.dumps({"text": FIXED[0]}).encode(),
+                               {"Content-Type": "application/json"})  # fmt: skip
+        assert status == 200
+    finally:
+        process.terminate()
+        out, _ = process.communicate(timeout=20)
+    assert "holds model.tar.gz rather than its files: loading that" in out
+
+
+def test_two_workers_serve_as_separate_processes(trained_artifact):
+    process, url = start_server(
+        trained_artifact["tarball"], {"SAGEMAKER_MODEL_SERVER_WORKERS": "2"}
+    )
+    try:
+        assert json.loads(request(url, "/execution-parameters")[2])["MaxConcurrentTransforms"] == 2
+        for text in FIXED:
+            status, _, _ = request(url, "/invocations", json.dumps({"text": text}).encode(),
+                                   {"Content-Type": "application/json"})  # fmt: skip
+            assert status == 200
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
