@@ -19,7 +19,8 @@ while True:
         if time.time() > deadline:
             sys.exit(f"{image}: /ping did not answer 200 within 120 s")
         time.sleep(0.1)
-print(f"== {image}: cold start (container start to the first 200 on /ping) {time.time() - started:.1f} s")
+cold = time.time() - started
+print(f"== {image}: cold start (container start to the first 200 on /ping) {cold:.1f} s")
 
 
 def post(body: bytes, content_type: str, accept: str = "") -> tuple[str, bytes]:
@@ -29,14 +30,22 @@ def post(body: bytes, content_type: str, accept: str = "") -> tuple[str, bytes]:
         return response.headers["Content-Type"], response.read()
 
 
+def check(ok: bool, what: str) -> None:
+    if not ok:
+        sys.exit(f"{image}: {what}")
+
+
 kind, body = post(json.dumps({"text": "where is my parcel"}).encode(), "application/json")
-assert kind.startswith("application/json") and json.loads(body)["prediction"]["label"].isdigit()
+check(kind.startswith("application/json"), f"application/json answered as {kind}")
+check(json.loads(body)["prediction"]["label"].isdigit(), f"no label in {body[:200]!r}")
 kind, body = post(b'{"text": "refund please"}\n"my card was declined"\n', "application/jsonlines")
-assert kind.startswith("application/jsonlines") and len(body.decode().splitlines()) == 2
+check(kind.startswith("application/jsonlines"), f"application/jsonlines answered as {kind}")
+check(len(body.decode().splitlines()) == 2, f"expected 2 lines, found {body[:200]!r}")
 kind, body = post(b'"where, oh where is my parcel"\nrefund please\n', "text/csv")
-assert kind.startswith("text/csv") and len(body.decode().splitlines()) == 2
+check(kind.startswith("text/csv"), f"text/csv answered as {kind}")
+check(len(body.decode().splitlines()) == 2, f"expected 2 rows, found {body[:200]!r}")
 kind, body = post(b"where is my parcel\n", "text/csv", accept="application/json")
-assert json.loads(body)["predictions"][0]["label"].isdigit()
+check(json.loads(body)["predictions"][0]["label"].isdigit(), "Accept: application/json ignored")
 parameters = json.loads(urllib.request.urlopen(url + "/execution-parameters", timeout=5).read())
-assert parameters["BatchStrategy"] == "MULTI_RECORD"
+check(parameters["BatchStrategy"] == "MULTI_RECORD", f"execution-parameters: {parameters}")
 print(f"== {image}: /invocations answered application/json, application/jsonlines and text/csv")
