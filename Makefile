@@ -31,6 +31,14 @@ demo: install
 	  --text "Hi, I was charged twice for my subscription this month" \
 	  --text "my parcel still has not arrived, tracking shows nothing" \
 	  --text "How do I get an API key for the Shopify integration?"
+	# Next week's retraining (another seed), judged against the model in service.
+	mkdir -p $(DEMO)/in-service && mv $(DEMO)/model/model.tar.gz $(DEMO)/in-service/
+	$(BIN)/gata-ft train \
+	  --train $(DEMO)/data/train --test $(DEMO)/data/test --baseline $(DEMO)/in-service \
+	  --model-dir $(DEMO)/model --output-data-dir $(DEMO)/output-week2 \
+	  --checkpoint-dir $(DEMO)/checkpoints-week2 --failure-file $(DEMO)/output-week2/failure \
+	  --hyperparameters examples/demo-hyperparameters.json --seed 7 | grep -E "^promotion|^drift|^WARNING"
+	$(BIN)/gata-ft evaluate $(DEMO)/model/model.tar.gz --test $(DEMO)/data/test | tail -n 3
 
 test: install lint
 	$(BIN)/pytest

@@ -272,7 +272,9 @@ def calibrate(
         },
         "routing_test": {
             **on_test,
-            "out_of_scope": _out_of_scope_figures(test, after, test_distance, routed, fallback),
+            "out_of_scope": metrics.out_of_scope_figures(
+                test.class_ids, after, test_distance, routed, fallback
+            ),
         },
         "meets_target": meets,
     }
@@ -317,22 +319,4 @@ def _assumption(options: Options, share, loo, rule: RoutingRule) -> dict:
         "expected_out_of_scope": share,
         "out_of_scope_pass_rate": passed,
         "method": "held-out tickets scored without their own queue (leave one queue out)",
-    }
-
-
-def _out_of_scope_figures(test: Rows, probabilities, distance, routed, fallback) -> dict | None:
-    """Figures on the test tickets labelled with the fallback queue (those no queue owns)."""
-    if fallback is None:
-        return None
-    outside = test.class_ids == fallback
-    if not outside.any():
-        return {"tickets": 0}
-    top = probabilities.max(-1)
-    return {
-        "tickets": int(outside.sum()),
-        "routed": float(routed[outside].mean()),
-        "auroc_probability": metrics.auroc(top[~outside], top[outside]),
-        "auroc_distance": None
-        if distance is None
-        else metrics.auroc(-distance[~outside], -distance[outside]),
     }

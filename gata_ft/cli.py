@@ -5,21 +5,17 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import traceback
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
 from gata_ft import __version__
+from gata_ft.commands import evaluate, inspect, predict, serve
 from gata_ft.config import OPTIONS, build_config, option_kind, shown_default
-from gata_ft.errors import GataError, WorkerFailed
+from gata_ft.errors import GataError
 from gata_ft.export.recipe import DEFAULT_RECIPE
-from gata_ft.failure import printable, reason_of, show_traceback, sigterm_raises, write_failure
+from gata_ft.failure import guard as _failure_guard
 from gata_ft.sagemaker import job_paths, read_hyperparameters
-
-ALL_INTERFACES = "0.0.0.0"  # noqa: S104 - the server runs in a container
 
 
 def _emit(text: str) -> None:
@@ -73,6 +69,12 @@ _PATH = click.Path(path_type=Path)
     type=_PATH,
     help="Labelled recent traffic to calibrate on. [env SM_CHANNEL_CALIBRATION; optional]",
 )
+@click.option(
+    "--baseline",
+    "baseline",
+    type=_PATH,
+    help="The model.tar.gz in service, to compare with. [env SM_CHANNEL_BASELINE; optional]",
+)
 @click.option("--model-dir", type=_PATH, help="Where model.tar.gz goes. [env SM_MODEL_DIR]")
 @click.option("--output-data-dir", type=_PATH, help="Metrics and plots. [env SM_OUTPUT_DATA_DIR]")
 @click.option(
@@ -91,8 +93,8 @@ _PATH = click.Path(path_type=Path)
 )
 @_training_options
 def train(
-    train_dir, test_dir, calibration_dir, model_dir, output_data_dir, checkpoint_dir, failure_file,
-    hyperparameters_file, **flags,
+    train_dir, test_dir, calibration_dir, baseline, model_dir, output_data_dir, checkpoint_dir,
+    failure_file, hyperparameters_file, **flags,
 ) -> None:  # fmt: skip
     """Fine-tune on the train channel, evaluate on the test channel, write model.tar.gz.
 
@@ -102,6 +104,7 @@ def train(
         train=train_dir,
         test=test_dir,
         calibration=calibration_dir,
+        baseline=baseline,
         model_dir=model_dir,
         output_data_dir=output_data_dir,
         checkpoint_dir=checkpoint_dir,
@@ -230,138 +233,8 @@ def export_command(
         )
 
 
-@cli.command()
-@click.argument("model", type=_PATH)
-def inspect(model: Path) -> None:
-    """Verify a model.tar.gz (format, schema, every file's sha256) and print its summary as JSON."""
-    with _failure_guard(None):
-        from gata_ft.artifact import validate_metadata, verify_tarball
-
-        metadata = verify_tarball(model)  # the format check and every file's sha256
-        validate_metadata(metadata)
-        test = (metadata.get("metrics") or {}).get("test") or {}
-        summary = {
-            "format_version": metadata["format_version"],
-            "labels": [entry["label"] for entry in metadata["labels"]],
-            "files": sorted(metadata["files"]),
-            "serve": metadata["serve"],
-            "parity_checked": metadata["parity"]["checked"],
-            "parity_passed": metadata["parity"].get("passed"),
-            "test_accuracy": test.get("accuracy"),
-        }
-        click.echo(json.dumps(summary, indent=2))
-
-
-_GRAPH = click.Choice(["serve", "int8", "int8-vnni", "fp32"])
-
-
-@cli.command()
-@click.argument("model", type=_PATH)
-@click.option("-t", "--text", "texts", multiple=True, help="A ticket text (repeatable).")
-@click.option("-i", "--input", "input_file", type=_PATH, help='JSON Lines of {"text": ...}.')
-@click.option("-k", "--top-k", default=0, show_default=True, help="Also list the k best labels.")
-@click.option("--graph", type=_GRAPH, default="serve", show_default=True,
-              help="serve: the graph metadata.json names.")  # fmt: skip
-@click.option("--threads", default=0, show_default=True, help="onnxruntime threads (0: all cores).")
-@click.option("--batch-size", default=32, show_default=True, help="Texts per onnxruntime call.")
-@click.option("--verify-golden", is_flag=True, help="Replay golden.json first; fail on a mismatch.")
-def predict(model, texts, input_file, top_k, graph, threads, batch_size, verify_golden) -> None:
-    """Classify tickets with MODEL (model.tar.gz or its folder): one JSON line per text."""
-    with _failure_guard(None):
-        from gata_ft.runtime import Model
-
-        texts = list(texts)
-        if input_file is not None:
-            texts += _read_texts(input_file)
-        if not texts:
-            raise click.UsageError("give --text or --input")
-        loaded = Model.load(model, graph=graph, threads=threads, verify_golden=verify_golden)
-        for text, prediction in zip(texts, loaded.predict(texts, top_k, batch_size), strict=True):
-            click.echo(json.dumps({"text": text, **prediction.to_dict()}))
-
-
-def _read_texts(path: Path) -> list[str]:
-    texts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise GataError(f"{path}:{number}: malformed JSON: {e.msg} at column {e.colno}") from e
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-            raise GataError(f'{path}:{number}: expected an object with a "text" string')
-        texts.append(row["text"])
-    return texts
-
-
-@cli.command()
-@click.argument("model", type=_PATH, required=False)
-@click.option("--host", default=ALL_INTERFACES, show_default=True, help="Address to listen on.")
-@click.option(
-    "--port", type=int, help="Port to listen on. [env SAGEMAKER_BIND_TO_PORT, default 8080]"
-)
-@click.option("--graph", type=_GRAPH, default="serve", show_default=True,
-              help="serve: the graph metadata.json names.")  # fmt: skip
-@click.option("--threads", default=0, show_default=True, help="onnxruntime threads (0: all cores).")
-@click.option("--no-verify-files", is_flag=True, help="Skip the sha256 check of the model's files.")
-def serve(model, host, port, graph, threads, no_verify_files) -> None:
-    """Serve MODEL over HTTP: GET /ping, POST /invocations (SageMaker's inference contract).
-
-    MODEL defaults to $SM_MODEL_DIR (/opt/ml/model), where SageMaker extracts model.tar.gz.
-    The golden samples are replayed before the server accepts requests. SAGEMAKER_*
-    variables set the body limit, the timeout and the number of worker processes.
-    """
-    loaded = None
-    with _failure_guard(None):
-        import os
-
-        from gata_ft.failure import Terminated
-        from gata_ft.runtime import Model
-        from gata_ft.sagemaker import model_dir
-        from gata_ft.server import Settings, check_port, serve_workers
-        from gata_ft.server import serve as run_server
-
-        settings = Settings.from_env()
-        port = port or int(os.environ.get("SAGEMAKER_BIND_TO_PORT") or 8080)
-        check_port(host, port)
-        loaded = Model.load(
-            model or model_dir(), graph=graph, threads=threads, verify_files=not no_verify_files
-        )
-        if (loaded.folder / "golden.json").is_file():
-            checked = loaded.verify_golden()
-            click.echo(f"golden samples reproduced: {checked}", err=True)
-        try:
-            if settings.workers > 1:
-                serve_workers(str(loaded.folder), graph, host, port, settings)
-            else:
-                run_server(loaded, host, port, settings)
-        except Terminated:  # uvicorn re-raises the SIGTERM it shut down on: a normal stop
-            click.echo("stopped on SIGTERM", err=True)
-        finally:
-            loaded.close()  # the extracted tarball, if any
-
-
-@contextmanager
-def _failure_guard(failure_file: Path | None) -> Iterator[None]:
-    """Turn any failure into one `Error: ...` line on stderr, a failure file and exit code 1."""
-    try:
-        with sigterm_raises():
-            yield
-        return
-    except WorkerFailed as e:  # the worker wrote the failure file already
-        reason, failure_file = str(e), None
-    except (Exception, KeyboardInterrupt) as e:
-        if show_traceback():
-            traceback.print_exc(file=sys.stderr)
-        reason = reason_of(e)
-    reason = printable(reason)
-    if failure_file is not None:
-        problem = write_failure(failure_file, reason)
-        if problem:
-            click.echo(f"warning: {problem}", err=True)
-    click.echo(f"Error: {reason}", err=True)
-    sys.exit(1)
+for _command in (inspect, evaluate, predict, serve):
+    cli.add_command(_command)
 
 
 def main() -> None:

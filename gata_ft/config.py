@@ -104,6 +104,11 @@ class TrainConfig:
         0.01,
         "Least share of in-scope held-out tickets the in-scope (distance) threshold rejects.",
     )
+    require_improvement: bool = _opt(
+        False,
+        "Fail the job when the new model is significantly worse than the baseline (the model "
+        "in service).",
+    )
     strict_routing: bool = _opt(
         False,
         "Fail the job when the routed accuracy on the test set is below target_accuracy "

@@ -39,3 +39,7 @@ class StorageError(GataError):
 
 class RoutingError(GataError):
     """The routed accuracy on the test set misses the target and strict_routing is set."""
+
+
+class PromotionError(GataError):
+    """The new model is worse than the one in service, and require_improvement is set."""

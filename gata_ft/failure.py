@@ -5,12 +5,15 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import sys
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from gata_ft.errors import GataError
+import click
+
+from gata_ft.errors import GataError, WorkerFailed
 from gata_ft.files import write_text
 
 FAILURE_LIMIT = 4000  # SageMaker shows the first 1024 characters as FailureReason
@@ -81,3 +84,25 @@ def sigterm_raises() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def guard(failure_file: Path | None) -> Iterator[None]:
+    """Turn any failure into one `Error: ...` line on stderr, a failure file and exit code 1."""
+    try:
+        with sigterm_raises():
+            yield
+        return
+    except WorkerFailed as e:  # the worker wrote the failure file already
+        reason, failure_file = str(e), None
+    except (Exception, KeyboardInterrupt) as e:
+        if show_traceback():
+            traceback.print_exc(file=sys.stderr)
+        reason = reason_of(e)
+    reason = printable(reason)
+    if failure_file is not None:
+        problem = write_failure(failure_file, reason)
+        if problem:
+            click.echo(f"warning: {problem}", err=True)
+    click.echo(f"Error: {reason}", err=True)
+    sys.exit(1)

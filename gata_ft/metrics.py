@@ -287,3 +287,21 @@ def accuracy_interval(correct, total, confidence: float = 0.95) -> tuple[float, 
         float(clopper_pearson(correct, total, one_side, "lower")),
         float(clopper_pearson(correct, total, one_side, "upper")),
     )
+
+
+def out_of_scope_figures(class_ids, probabilities, distance, routed, fallback) -> dict | None:
+    """Figures on the tickets labelled with the fallback queue (those no queue owns)."""
+    if fallback is None:
+        return None
+    outside = np.asarray(class_ids) == fallback
+    if not outside.any():
+        return {"tickets": 0}
+    top = probabilities.max(-1)
+    return {
+        "tickets": int(outside.sum()),
+        "routed": float(np.asarray(routed)[outside].mean()),
+        "auroc_probability": auroc(top[~outside], top[outside]),
+        "auroc_distance": None
+        if distance is None
+        else auroc(-np.asarray(distance)[~outside], -np.asarray(distance)[outside]),
+    }

@@ -15,16 +15,17 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from gata_ft import calibration as cal
-from gata_ft import checkpoints, files, metrics, preflight, reports
-from gata_ft.artifact import SCOPE, compose_metadata, label_entries, write_artifact
+from gata_ft import card, checkpoints, files, metrics, preflight, promotion, reports
+from gata_ft.artifact import METADATA, SCOPE, compose_metadata, label_entries, write_artifact
 from gata_ft.config import TrainConfig
 from gata_ft.data import LabelMap, Prepared, Split, read_split, text_pattern
-from gata_ft.errors import RoutingError
+from gata_ft.errors import PromotionError, RoutingError
 from gata_ft.export.graphs import add_onnx
 from gata_ft.export.parity import EvalSet
 from gata_ft.export.recipe import Recipe
@@ -126,11 +127,36 @@ def _train_and_ship(config, user_set, paths, plan, resume, emit, callbacks=()) -
             data.test.texts, data.label_map.class_ids(data.test.labels), data.label_map.labels,
             routing,
         )  # fmt: skip
+        review = None
+        if paths.baseline is not None:
+            review = partial(_review, config, paths, data.test, emit)
         return _ship(
             content, metadata | {"calibration": calibration}, plan.recipe, config.max_length,
             evaluation, config.strict_parity, paths.artifact, emit,
-            parity_file=paths.output_data_dir / "parity.json",
+            parity_file=paths.output_data_dir / "parity.json", review=review,
         )  # fmt: skip
+
+
+def _review(config, paths, test: Split, emit: Emit, content: Path, metadata: dict) -> dict:
+    """The new model against the one in service (the baseline channel), on the test set."""
+    from gata_ft.runtime import Model
+
+    files.write_text(content / METADATA, json.dumps(metadata) + "\n")  # for the runtime
+    new = Model(content, verify_files=False)  # just built: no file table yet
+    baseline = Model.load(paths.baseline)  # a folder holding model.tar.gz loads that
+    try:
+        block = promotion.compare_models(new, baseline, test)
+    finally:
+        baseline.close()
+    for line in promotion.describe(block):
+        emit(line)
+    files.write_text(paths.output_data_dir / "promotion.json", json.dumps(block, indent=2) + "\n")
+    if config.require_improvement and block["verdict"] == "keep":
+        raise PromotionError(
+            f"the new model is not promoted: {'; '.join(block['reasons'])}; failing because "
+            "require_improvement is set (see promotion.json)"
+        )
+    return metadata | {"promotion": block}
 
 
 def _rows(trained, split: Split, label_map: LabelMap, max_length: int) -> cal.Rows:
@@ -194,14 +220,20 @@ def _ship(
     destination: Path,
     emit: Emit,
     parity_file: Path | None = None,
+    review: Callable[[Path, dict], dict] | None = None,
 ) -> Path:
-    """The common tail: ONNX graphs and the parity gate, then metadata and the tarball."""
+    """The common tail: ONNX graphs and the parity gate, a review against the model in
+    service, the model card, then metadata and the tarball."""
     blocks = add_onnx(content, max_length, recipe, evaluation, strict, emit)
     serving = f"serving {blocks['serve']['graph']}: {blocks['serve']['reason']}"
     if parity_file is not None:
         files.write_text(parity_file, json.dumps(blocks["parity"], indent=2) + "\n")
         emit(f"{serving}; wrote {parity_file}")
-    artifact = write_artifact(content, compose_metadata(**metadata, export=blocks), destination)
+    metadata = compose_metadata(**metadata, export=blocks)
+    if review is not None:
+        metadata = review(content, metadata)
+    card.write(content, metadata)
+    artifact = write_artifact(content, metadata, destination)
     if parity_file is not None:
         emit(f"wrote {artifact} ({artifact.stat().st_size / 1e6:.1f} MB)")
     else:

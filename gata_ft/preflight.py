@@ -46,6 +46,8 @@ def training_job(config: TrainConfig, paths: JobPaths, num_processes: int) -> Pl
     data = prepare_data(config, paths)
     recipe = Recipe.load(config.export_recipe)
     config.precision(_cuda())
+    if paths.baseline is not None:
+        check_baseline(paths.baseline)
     folders = {
         "model.tar.gz": (paths.model_dir, ARTIFACT_FACTOR),
         "checkpoints": (paths.checkpoint_dir, CHECKPOINT_FACTOR * (config.save_total_limit + 1)),
@@ -87,6 +89,24 @@ def export_job(source: Path, output: Path, recipe_name: str, force: bool) -> Rec
         ]
     )
     return recipe
+
+
+def check_baseline(path: Path) -> None:
+    """The model in service must be a gata-ft artifact the runtime loads (format 2)."""
+    from gata_ft.artifact import METADATA, ArtifactInfo, read_tarball_metadata
+
+    tarball = path / "model.tar.gz" if path.is_dir() else path
+    if path.is_dir() and (path / METADATA).is_file():
+        ArtifactInfo.read(path)
+    elif tarball.is_file():
+        try:
+            ArtifactInfo.of(read_tarball_metadata(tarball), tarball)
+        except ArtifactError as e:
+            raise ArtifactError(f"baseline: {e}") from None
+    else:
+        raise ArtifactError(
+            f"baseline: expected a model.tar.gz of gata-ft (or its folder) at {path}, found none"
+        )
 
 
 def prepare_data(config: TrainConfig, paths: JobPaths) -> Prepared:

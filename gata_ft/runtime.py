@@ -136,7 +136,7 @@ class Model:
         path = Path(path)
         nested = path / "model.tar.gz"
         if path.is_dir() and not (path / METADATA).is_file() and nested.is_file():
-            log.warning("%s holds model.tar.gz rather than its files: loading that", path)
+            log.info("%s holds model.tar.gz rather than its files: loading that", path)
             path = nested
         if path.is_file():
             scratch = tempfile.TemporaryDirectory(prefix="gata-ft-model-")
@@ -185,25 +185,16 @@ class Model:
         self, texts: Sequence[str], top_k: int = 0, batch_size: int = 32
     ) -> list[Prediction]:
         """The queue of each text: its original label id and probability (and the top k)."""
-        if isinstance(texts, str) or not isinstance(texts, Sequence):
-            raise InputError(f"texts: expected a list of strings, found {type(texts).__name__}")
-        if top_k < 0 or batch_size < 1:
-            raise InputError("top_k must be 0 or more and batch_size 1 or more")
-        prepared = [self._prepare(i, t) for i, t in enumerate(texts)]
-        if not prepared:
-            return []
-        logits, features = self.classifier.scores(prepared, batch_size)
-        probabilities = softmax(logits)
-        distances = [None] * len(prepared)
-        if self.scope is not None and features is not None:
-            distances = (self.scope.distance(features) / self.distance_threshold).tolist()
+        if top_k < 0:
+            raise InputError("top_k must be 0 or more")
+        probabilities, distances = self.score(texts, batch_size)
         k = min(top_k, len(self.labels))
         results = []
         for row, distance in zip(probabilities, distances, strict=True):
             best = int(row.argmax())
             ranked = np.argsort(row)[::-1][:k] if k else []
             label = self.labels[best]
-            route = self._route(float(row[best]), label, distance)
+            route = self.route_of(float(row[best]), label, distance)
             results.append(
                 Prediction(
                     label,
@@ -216,7 +207,25 @@ class Model:
             )
         return results
 
-    def _route(self, probability: float, label: int, out_of_scope: float | None) -> bool | None:
+    def score(
+        self, texts: Sequence[str], batch_size: int = 32
+    ) -> tuple[np.ndarray, list[float | None]]:
+        """(probabilities (n, K), each text's out-of-scope score or None): what predict uses."""
+        if isinstance(texts, str) or not isinstance(texts, Sequence):
+            raise InputError(f"texts: expected a list of strings, found {type(texts).__name__}")
+        if batch_size < 1:
+            raise InputError("batch_size must be 1 or more")
+        prepared = [self._prepare(i, t) for i, t in enumerate(texts)]
+        if not prepared:
+            return np.zeros((0, len(self.labels)), np.float32), []
+        logits, features = self.classifier.scores(prepared, batch_size)
+        distances = [None] * len(prepared)
+        if self.scope is not None and features is not None:
+            distances = (self.scope.distance(features) / self.distance_threshold).tolist()
+        return softmax(logits), distances
+
+    def route_of(self, probability: float, label: int, out_of_scope: float | None) -> bool | None:
+        """Whether a ticket with this top probability, label and out-of-scope score is routed."""
         if not self.routes:
             return None
         return (

@@ -15,6 +15,8 @@ ENV_DEFAULTS = {
     "SM_CHANNEL_TEST": "/opt/ml/input/data/test",
     # optional: labelled recent traffic for calibration (used when the folder exists)
     "SM_CHANNEL_CALIBRATION": "/opt/ml/input/data/calibration",
+    # optional: the model.tar.gz in service, to compare the new model with
+    "SM_CHANNEL_BASELINE": "/opt/ml/input/data/baseline",
     "SM_MODEL_DIR": "/opt/ml/model",
     "SM_OUTPUT_DATA_DIR": "/opt/ml/output/data",
     "SM_OUTPUT_DIR": "/opt/ml/output",
@@ -39,6 +41,7 @@ class JobPaths:
     failure_file: Path
     hyperparameters_file: Path
     calibration: Path | None = None  # the optional calibration channel
+    baseline: Path | None = None  # the optional baseline channel (the model in service)
 
     @property
     def artifact(self) -> Path:
@@ -60,17 +63,19 @@ def job_paths(env: Mapping[str, str] | None = None, **overrides: Path | str | No
         "checkpoint_dir": _env(env, "GATA_CHECKPOINT_DIR"),
         "failure_file": _env(env, "SM_OUTPUT_DIR") / "failure",
         "hyperparameters_file": _env(env, "SM_INPUT_CONFIG_DIR") / "hyperparameters.json",
-        "calibration": _calibration_channel(env),
+        "calibration": _optional_channel(env, "SM_CHANNEL_CALIBRATION"),
+        "baseline": _optional_channel(env, "SM_CHANNEL_BASELINE"),
     }
     paths.update({k: Path(v) for k, v in overrides.items() if v is not None})
     return JobPaths(**paths)
 
 
-def _calibration_channel(env: Mapping[str, str]) -> Path | None:
-    """SM_CHANNEL_CALIBRATION when set (it must exist then), else its default folder if present."""
-    if env.get("SM_CHANNEL_CALIBRATION"):
-        return Path(env["SM_CHANNEL_CALIBRATION"])
-    default = Path(ENV_DEFAULTS["SM_CHANNEL_CALIBRATION"])
+def _optional_channel(env: Mapping[str, str], name: str) -> Path | None:
+    """An optional channel: the variable when set (it must exist then), else its default
+    folder if present (SageMaker creates a channel's folder only when the job has it)."""
+    if env.get(name):
+        return Path(env[name])
+    default = Path(ENV_DEFAULTS[name])
     return default if default.is_dir() else None
 
 

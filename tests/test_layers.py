@@ -11,7 +11,14 @@ from pathlib import Path
 from conftest import REPO
 
 LAYERS = [
-    {"gata_ft", "gata_ft.errors", "gata_ft.text", "gata_ft.resources", "gata_ft.files"},
+    {
+        "gata_ft",
+        "gata_ft.errors",
+        "gata_ft.text",
+        "gata_ft.resources",
+        "gata_ft.files",
+        "gata_ft.card",
+    },
     {
         "gata_ft.sagemaker",
         "gata_ft.failure",
@@ -36,9 +43,16 @@ LAYERS = [
         "gata_ft.export.golden",
         "gata_ft.metric_modules.routing_metrics.routing_metrics",
     },
-    {"gata_ft.callbacks", "gata_ft.export.parity", "gata_ft.server", "gata_ft.preflight"},
+    {
+        "gata_ft.callbacks",
+        "gata_ft.export.parity",
+        "gata_ft.server",
+        "gata_ft.preflight",
+        "gata_ft.evaluation",
+        "gata_ft.promotion",
+    },
     {"gata_ft.train", "gata_ft.export.graphs"},
-    {"gata_ft.pipeline"},
+    {"gata_ft.pipeline", "gata_ft.commands"},
     {"gata_ft.cli"},
     {"gata_ft.__main__"},
 ]

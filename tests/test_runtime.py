@@ -173,7 +173,7 @@ def test_base_install_leaves_out_the_training_stack():
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     names = {d.split("==")[0].split("[")[0] for d in project["dependencies"]}
-    assert names == {"click", "numpy", "onnxruntime", "tokenizers"}
+    assert names == {"click", "jsonschema", "numpy", "onnxruntime", "tokenizers"}
 
 
 def test_predict_command_prints_json_lines(tmp_path, trained_artifact):

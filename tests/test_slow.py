@@ -137,7 +137,7 @@ def test_runtime_installs_and_runs_without_the_training_stack(tmp_path, trained_
         f"m = Model.load({str(trained_artifact['tarball'])!r}, verify_golden=True);"
         "print(m.predict(['my order has not arrived'])[0].label);"
         "print(json.dumps([importlib.util.find_spec(n) is None "
-        "for n in ('torch', 'transformers', 'optimum', 'jsonschema')]))"
+        "for n in ('torch', 'transformers', 'optimum', 'sklearn')]))"
     )
     run = subprocess.run([python, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
