@@ -144,10 +144,10 @@ def test_not_a_tarball(tmp_path):
         (lambda m: {**m, "format_version": 1}, "expected artifact format_version 2, found 1; "),
         (lambda m: {k: v for k, v in m.items() if k != "serve"},
          "metadata.json: serve.graph: expected one of onnx/model.onnx, "
-         "onnx/model_quantized.onnx, found no such field"),
+         "onnx/model_quantized.onnx, onnx/model_quantized_vnni.onnx, found no such field"),
         (lambda m: {**m, "serve": {"graph": "../../../../etc/passwd"}},
-         'metadata.json: serve.graph: expected one of onnx/model.onnx, '
-         "onnx/model_quantized.onnx, found '../../../../etc/passwd'"),
+         "metadata.json: serve.graph: expected one of onnx/model.onnx, onnx/model_quantized.onnx, "
+         "onnx/model_quantized_vnni.onnx, found '../../../../etc/passwd'"),
         (lambda m: {**m, "max_length": "lots"},
          'metadata.json: max_length: expected a positive integer, found "lots"'),
         (lambda m: {**m, "labels": [{"label": -4}]},

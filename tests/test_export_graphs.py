@@ -21,7 +21,8 @@ def test_training_job_tarball_holds_both_formats(trained_artifact):
     assert metadata["serve"]["graph"] == "onnx/model_quantized.onnx"
     assert metadata["parity"]["passed"] is True
     assert "parity on 40 test tickets" in trained_artifact["log"]
-    assert "ONNX int8 (base)" in trained_artifact["log"]
+    assert "ONNX int8 avx2 (base)" in trained_artifact["log"]
+    assert "ONNX int8 avx512_vnni (base)" in trained_artifact["log"]  # the companion, gated too
 
 
 def test_onnx_graphs_match_pytorch_on_fixed_inputs(trained_artifact):

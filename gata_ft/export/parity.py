@@ -198,7 +198,8 @@ def gate(inputs: GateInputs, strict: bool, emit: Callable[[str], None]):
         )
         attempts.append(attempt)
         verdict = "passes" if attempt.passed else "fails: " + "; ".join(failures)
-        rows.append((f"ONNX int8 ({variant.label})", result, route_agreement, verdict))
+        name = f"ONNX int8 {recipe.name} ({variant.label})"
+        rows.append((name, result, route_agreement, verdict))
         if attempt.passed:
             break
     emit(_parity_table(rows, reference, recipe.parity, evaluation))
