@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= build/demo
 
-.PHONY: demo test test-fast lint lint-container format install clean bench-epoch bench-banking77 bench-export bench-runtime bench-calibration bench-routing bench-validation bench-int8 container-smoke
+.PHONY: demo test test-fast lint lint-container format install clean bench-epoch bench-banking77 bench-export bench-runtime bench-calibration bench-routing bench-validation bench-int8 bench-gpu container-smoke
 
 install: $(VENV)/.installed
 
@@ -96,3 +96,7 @@ bench-validation: install
 
 bench-int8: install
 	$(BIN)/python bench/int8.py
+
+# fp16 training, throughput and export on a CUDA GPU (say so and stop without one).
+bench-gpu: install
+	$(BIN)/python bench/gpu.py
