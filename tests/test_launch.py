@@ -32,16 +32,21 @@ def test_ddp_with_two_processes_through_torchrun(
     assert len(re.findall(r"train_loss: ([0-9\.]+)", result.stdout)) == 1  # rank 0 only
 
 
-def test_preflight_fails_the_launcher_before_torchrun_starts(sm_env, tiny_hyperparameters):
-    write_hyperparameters(sm_env, {**tiny_hyperparameters, "max_length": "512"})
+def launch_two() -> subprocess.CompletedProcess:
+    """`gata-ft train` as SageMaker starts it on a host with 2 GPUs (2 CPU processes here)."""
     env = {**os.environ, "SM_NUM_GPUS": "2", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "gata_ft", "train"],
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
+
+
+def test_preflight_fails_the_launcher_before_torchrun_starts(sm_env, tiny_hyperparameters):
+    write_hyperparameters(sm_env, {**tiny_hyperparameters, "max_length": "512"})
+    result = launch_two()
     assert result.returncode == 1
     failure = (sm_env["SM_OUTPUT_DIR"] / "failure").read_text()
     assert failure.startswith("max_length: expected at most 128")
@@ -55,14 +60,7 @@ def test_a_failing_worker_writes_the_failure_file(sm_env, tiny_hyperparameters, 
     shutil.copytree(tiny_hyperparameters["base_model"], broken)
     (broken / "model.safetensors").write_bytes(b"not safetensors")
     write_hyperparameters(sm_env, {**tiny_hyperparameters, "base_model": str(broken)})
-    env = {**os.environ, "SM_NUM_GPUS": "2", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "gata_ft", "train"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = launch_two()
     assert result.returncode == 1
     assert "launching 2 training processes" in result.stderr
     failure = (sm_env["SM_OUTPUT_DIR"] / "failure").read_text()
