@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import subprocess
 import sys
 import tempfile
@@ -47,14 +48,44 @@ def launch(
         f.flush()
         command = launch_command(nproc, f.name)
         log.info("launching %d training processes: %s", nproc, " ".join(command))
-        returncode = subprocess.call(command)
+        returncode, forwarded = _run_forwarding_sigterm(command)
     if returncode != 0:
         if paths.failure_file.is_file():  # the main worker already said why
             raise WorkerFailed(paths.failure_file.read_text(encoding="utf-8").strip())
+        if forwarded:
+            raise GataError(
+                "received SIGTERM: passed to the training processes, which stopped (torchrun "
+                f"exited with code {returncode}); a restarted job resumes from the last checkpoint"
+            )
         raise GataError(
             f"distributed training failed: torchrun exited with code {returncode}; "
             "the first error of a worker is in the log above"
         )
+
+
+def _run_forwarding_sigterm(command: list[str]) -> tuple[int, bool]:
+    """Run torchrun; a SIGTERM (spot interruption) goes to it and on to the workers.
+
+    The workers save a checkpoint at their next step and stop; waiting for them
+    instead of raising here keeps that checkpoint (torchrun forwards the signal).
+    """
+    process = subprocess.Popen(command)
+    forwarded = []
+
+    def forward(signum, frame):
+        forwarded.append(signum)
+        process.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        returncode = process.wait()
+    except BaseException:  # Ctrl-C or another failure here: stop the workers too
+        process.terminate()
+        process.wait()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return returncode, bool(forwarded)
 
 
 def launch_command(nproc: int, spec_path: str) -> list[str]:

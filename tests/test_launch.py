@@ -3,6 +3,7 @@
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -66,4 +67,38 @@ def test_a_failing_worker_writes_the_failure_file(sm_env, tiny_hyperparameters, 
     failure = (sm_env["SM_OUTPUT_DIR"] / "failure").read_text()
     assert failure.startswith(f"base model {broken} ({broken}) cannot be loaded: ")
     assert result.stderr.rstrip().endswith(failure.strip())
+    assert list(sm_env["SM_MODEL_DIR"].iterdir()) == []
+
+
+def test_sigterm_reaches_the_workers_which_save_a_checkpoint(
+    sm_env, tiny_hyperparameters, tmp_path
+):
+    # A spot interruption sends SIGTERM to the launcher: the workers must get it and
+    # checkpoint, not be killed with it (the checkpoint is what a restarted job resumes).
+    many = {**tiny_hyperparameters, "num_train_epochs": "200", "logging_steps": "1"}
+    write_hyperparameters(sm_env, many)
+    env = {**os.environ, "SM_NUM_GPUS": "2", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "gata_ft", "train"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        lines = []
+        for line in launcher.stderr:  # rank 0's progress: training has begun
+            lines.append(line)
+            if line.startswith("step 3/"):
+                launcher.send_signal(signal.SIGTERM)
+        launcher.wait(timeout=300)
+    finally:
+        launcher.kill()
+    stderr = "".join(lines)
+    assert launcher.returncode == 1, stderr[-3000:]
+    failure = (sm_env["SM_OUTPUT_DIR"] / "failure").read_text()
+    assert failure.startswith("received SIGTERM at step "), failure
+    assert "saved a checkpoint" in failure
+    assert stderr.rstrip().endswith(failure.strip())
+    assert list(sm_env["GATA_CHECKPOINT_DIR"].glob("checkpoint-*")), "no checkpoint was saved"
     assert list(sm_env["SM_MODEL_DIR"].iterdir()) == []
