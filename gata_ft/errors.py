@@ -43,3 +43,10 @@ class RoutingError(GataError):
 
 class PromotionError(GataError):
     """The new model is worse than the one in service, and require_improvement is set."""
+
+
+class Terminated(GataError):
+    """SIGTERM arrived outside the training loop (which checkpoints and stops by itself).
+
+    Code that wraps library errors re-raises it first, so the reason stays SIGTERM.
+    """

@@ -13,14 +13,10 @@ from pathlib import Path
 
 import click
 
-from gata_ft.errors import GataError, WorkerFailed
+from gata_ft.errors import GataError, Terminated, WorkerFailed
 from gata_ft.files import write_text
 
 FAILURE_LIMIT = 4000  # SageMaker shows the first 1024 characters as FailureReason
-
-
-class Terminated(GataError):
-    """SIGTERM arrived outside the training loop (which checkpoints and stops by itself)."""
 
 
 def printable(text: str) -> str:
