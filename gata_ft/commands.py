@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from gata_ft.errors import GataError
+from gata_ft.errors import ConfigError, GataError
 from gata_ft.failure import guard as _failure_guard
 
 ALL_INTERFACES = "0.0.0.0"  # noqa: S104 - the server runs in a container
@@ -102,7 +102,7 @@ def predict(model, texts, input_file, top_k, graph, threads, batch_size, verify_
         if input_file is not None:
             texts += _read_texts(input_file)
         if not texts:
-            raise click.UsageError("give --text or --input")
+            raise ConfigError("predict: expected tickets from --text or --input, found neither")
         loaded = Model.load(model, graph=graph, threads=threads, verify_golden=verify_golden)
         for text, prediction in zip(texts, loaded.predict(texts, top_k, batch_size), strict=True):
             click.echo(json.dumps({"text": text, **prediction.to_dict()}))

@@ -182,11 +182,9 @@ def _parse(body: bytes, kind: str) -> tuple[list, int, bool]:
         ) from None
     if kind == CSV:
         try:
-            rows = [
-                r
-                for r in csv.reader(io.StringIO(text, newline=""), strict=True)
-                if r and r[0].strip()
-            ]
+            # only blank lines are skipped: a row with an empty first column is a record
+            # (a 400 naming it), or answers would no longer line up with the rows
+            rows = [r for r in csv.reader(io.StringIO(text, newline=""), strict=True) if r]
         except csv.Error as e:
             raise BadRequest(400, f"expected CSV (RFC 4180), found {e}") from e
         return _records([r[0] for r in rows], "row"), 0, False

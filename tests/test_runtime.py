@@ -211,6 +211,11 @@ def test_predict_command_errors(tmp_path, trained_artifact):
     result = CliRunner().invoke(cli, ["predict", str(tmp_path / "nope.tar.gz"), "-t", "x"])
     assert result.exit_code == 1
     assert "no such model" in result.stderr
+    result = CliRunner().invoke(cli, ["predict", str(trained_artifact["tarball"])])
+    assert result.exit_code == 1
+    assert result.stderr == (
+        "Error: predict: expected tickets from --text or --input, found neither\n"
+    )
 
 
 def repack(folder: Path, out: Path, skip=()) -> Path:

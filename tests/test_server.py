@@ -204,6 +204,9 @@ def test_accept_picks_the_answer_type(server):
         (b'"ok"\n"   "\n', JSONL, 400, "record 2: expected some words, found an empty text"),
         (b"\n\n", JSONL, 400, "expected at least one line with a text, found none"),
         (b'"unclosed\n', {"Content-Type": "text/csv"}, 400, "expected CSV (RFC 4180)"),
+        # a row without a text is named, not dropped: answers must line up with the rows
+        (b"a b\n,second column\nc d\n", {"Content-Type": "text/csv"}, 400,
+         "record 2: expected some words, found an empty text"),
     ],
 )  # fmt: skip
 def test_every_malformed_body_is_a_4xx_never_a_500(server, body, headers, status, message):
