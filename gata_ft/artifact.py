@@ -317,8 +317,10 @@ def verify_files(folder: Path, metadata: dict, names) -> None:
 def _load_json(stream, where) -> object:
     try:
         return json.load(io.TextIOWrapper(stream, encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, huge integers
         raise ArtifactError(f"{where}: expected JSON, found invalid JSON: {e}") from e
+    except RecursionError:
+        raise ArtifactError(f"{where}: expected JSON, found nesting too deep to read") from None
 
 
 def verify_tarball(path: Path) -> dict:
@@ -326,6 +328,13 @@ def verify_tarball(path: Path) -> dict:
     metadata = read_tarball_metadata(path)
     ArtifactInfo.of(metadata, path)
     expected = metadata.get("files", {})
+    if not isinstance(expected, dict) or not all(
+        isinstance(e, dict) and isinstance(e.get("sha256"), str) for e in expected.values()
+    ):
+        raise ArtifactError(
+            f"{path}: {METADATA}: files: expected an object of {{name: {{sha256: ...}}}}, "
+            "found another shape"
+        )
     seen = set()
     with open_tarball(path) as tar:
         for member in checked_members(tar, path, Limits.from_env()):

@@ -183,7 +183,8 @@ def example(folder: Path, train_per_queue: int, test_per_queue: int) -> None:
     """Write the built-in synthetic ticket set to FOLDER/train and FOLDER/test."""
     from gata_ft.examples import QUEUES, write_example
 
-    write_example(folder, train_per_queue, test_per_queue)
+    with _failure_guard(None):
+        write_example(folder, train_per_queue, test_per_queue)
     click.echo(
         f"wrote {folder / 'train' / 'data.json'} ({train_per_queue * len(QUEUES)} rows) and "
         f"{folder / 'test' / 'data.json'} ({test_per_queue * len(QUEUES)} rows), "

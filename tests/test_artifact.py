@@ -1,6 +1,7 @@
 """The artifact contract: metadata written and read once, the format check, verification."""
 
 import json
+import re
 import tarfile
 
 import pytest
@@ -126,6 +127,24 @@ def test_tampered_file_is_detected(tmp_path, content):
     with pytest.raises(ArtifactError, match=r"model.safetensors does not match its sha256$"):
         artifact.verify_tarball(tampered)
     assert artifact.verify_tarball(target)["format_version"] == 2
+
+
+@pytest.mark.parametrize(
+    ("metadata", "message"),
+    [
+        ("[" * 100_000, "found nesting too deep to read"),  # hostile: no RecursionError
+        ("1" * 5_000, "expected JSON, found invalid JSON"),  # a number past Python's limit
+        (json.dumps({**minimal_metadata(), "files": {"x": "abc"}}),
+         "files: expected an object of {name: {sha256: ...}}"),
+    ],
+)  # fmt: skip
+def test_hostile_metadata_is_an_artifact_error(tmp_path, metadata, message):
+    (tmp_path / "metadata.json").write_text(metadata)
+    tarball = tmp_path / "model.tar.gz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        tar.add(tmp_path / "metadata.json", arcname="metadata.json")
+    with pytest.raises(ArtifactError, match=re.escape(message)):
+        artifact.verify_tarball(tarball)
 
 
 def test_not_a_tarball(tmp_path):

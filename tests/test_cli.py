@@ -105,6 +105,16 @@ def test_example_is_deterministic_and_valid(tmp_path):
     )
 
 
+def test_example_into_an_unwritable_place_is_one_error_line(tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("")  # a file where the folder should go
+    result = run("example", str(blocked / "data"))
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"Error: {blocked}")
+    assert "Traceback" not in result.output
+    assert len(result.stderr.splitlines()) == 1
+
+
 def test_example_labels_are_sparse_zendesk_like_ids():
     rows = generate(50, seed=3)
     labels = {row["label"] for row in rows}
