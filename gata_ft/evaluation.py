@@ -13,6 +13,7 @@ import numpy as np
 
 from gata_ft import metrics
 from gata_ft.data import LabelMap, Split
+from gata_ft.errors import DataError
 from gata_ft.reports import build_report
 from gata_ft.runtime import Model
 
@@ -26,6 +27,12 @@ def evaluate(model: Model, split: Split, batch_size: int = 1) -> dict:
     known = set(model.labels)
     unknown = Counter(label for label in split.labels if label not in known)
     rows = [i for i, label in enumerate(split.labels) if label in known]
+    if not rows:
+        shown = ", ".join(str(label) for label in sorted(unknown)[:10])
+        raise DataError(
+            f"{split.path}: expected tickets labelled with the model's queues, found none "
+            f"({len(unknown)} labels the model does not know: {shown})"
+        )
     label_map = LabelMap(model.labels)
     texts = [split.texts[i] for i in rows]
     truth = np.asarray(label_map.class_ids([split.labels[i] for i in rows]))

@@ -82,13 +82,16 @@ class Model:
         self.folder = Path(folder)
         info = ArtifactInfo.read(self.folder)
         self.metadata = info.metadata
-        graph = os.environ.get("GATA_GRAPH") or graph
+        if graph == "serve":  # GATA_GRAPH picks when the caller did not
+            graph = os.environ.get("GATA_GRAPH") or graph
         if graph == "serve":  # the fastest graph that passed the gate and is safe on this CPU
             self.graph = info.vnni_graph if info.vnni_graph and has_vnni() else info.serve_graph
         elif graph in GRAPHS:
             self.graph = GRAPHS[graph]
         else:
-            raise ArtifactError(f"graph: expected serve, {', '.join(GRAPHS)}, found {graph!r}")
+            raise ArtifactError(
+                f"graph (--graph, GATA_GRAPH): expected serve, {', '.join(GRAPHS)}, found {graph!r}"
+            )
         self.labels = info.labels
         self.max_length = info.max_length
         self.pattern = info.text_pattern

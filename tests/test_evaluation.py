@@ -48,6 +48,17 @@ def test_unknown_labels_are_counted_apart(tmp_path, trained_artifact):
     assert result["tickets"] == len(rows) - 3
 
 
+def test_no_known_label_at_all_is_one_error_line(tmp_path, trained_artifact):
+    write_rows(tmp_path / "test", [{"label": 777, "text": "a queue added since"}] * 3)
+    result = CliRunner().invoke(
+        cli, ["evaluate", str(trained_artifact["dir"]), "--test", str(tmp_path / "test")]
+    )
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: ")
+    assert "expected tickets labelled with the model's queues, found none" in result.stderr
+    assert "777" in result.stderr
+
+
 def test_the_evaluate_command_prints_the_report_or_json(trained_artifact):
     args = ["evaluate", str(trained_artifact["tarball"]), "--test",
             str(trained_artifact["data"] / "test")]  # fmt: skip

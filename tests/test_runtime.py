@@ -50,6 +50,7 @@ def test_the_vnni_graph_is_chosen_by_the_cpu_and_can_be_overridden(trained_artif
     assert Model.load(folder).graph == "onnx/model_quantized.onnx"  # portable: no saturation
     monkeypatch.setenv("GATA_GRAPH", "int8-vnni")
     assert Model.load(folder).graph == "onnx/model_quantized_vnni.onnx"
+    assert Model.load(folder, graph="fp32").graph == "onnx/model.onnx"  # an explicit choice wins
 
 
 def test_predict_returns_queue_ids_and_top_k(model):
