@@ -45,8 +45,10 @@ class PromotionError(GataError):
     """The new model is worse than the one in service, and require_improvement is set."""
 
 
-class Terminated(GataError):
+class Terminated(BaseException):
     """SIGTERM arrived outside the training loop (which checkpoints and stops by itself).
 
-    Code that wraps library errors re-raises it first, so the reason stays SIGTERM.
+    A BaseException, like KeyboardInterrupt: `except Exception` around library code
+    (which rewords or swallows what it catches) lets it through, so the reason stays
+    SIGTERM; `failure.guard` reports it.
     """

@@ -26,7 +26,7 @@ def printable(text: str) -> str:
 
 def reason_of(error: BaseException) -> str:
     """The failure in words: what was expected, what was found, where."""
-    if isinstance(error, GataError):
+    if isinstance(error, GataError | Terminated):
         return str(error)
     if isinstance(error, KeyboardInterrupt):
         return "interrupted (KeyboardInterrupt)"
@@ -91,7 +91,7 @@ def guard(failure_file: Path | None) -> Iterator[None]:
         return
     except WorkerFailed as e:  # the worker wrote the failure file already
         reason, failure_file = str(e), None
-    except (Exception, KeyboardInterrupt) as e:
+    except (Exception, KeyboardInterrupt, Terminated) as e:
         if show_traceback():
             traceback.print_exc(file=sys.stderr)
         reason = reason_of(e)

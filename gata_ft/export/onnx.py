@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gata_ft.errors import ExportError, Terminated
+from gata_ft.errors import ExportError
 from gata_ft.export.recipe import Variant
 from gata_ft.inference import FEATURES
 
@@ -46,8 +46,6 @@ def export_fp32(checkpoint: Path, onnx_dir: Path, opset: int) -> Path:
                 library_name="transformers",
                 local_files_only=True,
             )
-    except Terminated:
-        raise
     except Exception as e:  # Optimum raises ValueError/AtolError/OSError subclasses
         raise ExportError(f"ONNX export of {checkpoint} failed: {type(e).__name__}: {e}") from e
     return onnx_dir / "model.onnx"
@@ -117,8 +115,6 @@ def optimize(onnx_dir: Path, level: int, work: Path, fuse_attention: bool = True
             typed = SymbolicShapeInference.infer_shapes(
                 fused, auto_merge=True, guess_output_rank=True
             )
-    except Terminated:
-        raise
     except Exception as e:  # onnxruntime raises a bare Exception here
         log.warning("fused graph cannot be typed (%s): quantizing the unfused graph", e)
         return onnx_dir / "model.onnx"
