@@ -296,18 +296,30 @@ def _check_metadata_size(size: int, where) -> None:
         )
 
 
+def _sha256_table(metadata: dict, where) -> dict[str, str]:
+    """The file table as name -> sha256 (empty when absent); ArtifactError for another shape."""
+    table = metadata.get("files", {})
+    if not isinstance(table, dict) or not all(
+        isinstance(e, dict) and isinstance(e.get("sha256"), str) for e in table.values()
+    ):
+        raise ArtifactError(
+            f"{where}: {METADATA}: files: expected an object of {{name: {{sha256: ...}}}}, "
+            "found another shape"
+        )
+    return {name: entry["sha256"] for name, entry in table.items()}
+
+
 def verify_files(folder: Path, metadata: dict, names) -> None:
     """Check each named file of an extracted artifact against its sha256 in the file table."""
-    table = metadata.get("files")
-    if not isinstance(table, dict):
+    table = _sha256_table(metadata, folder)
+    if not table:
         raise ArtifactError(f"{folder}: {METADATA}: files: expected the file table, found none")
     for name in names:
-        entry = table.get(name)
-        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+        if name not in table:
             raise ArtifactError(
                 f"{folder}: {name}: expected an entry in {METADATA}'s file table, found none"
             )
-        if sha256_file(folder / name) != entry["sha256"]:
+        if sha256_file(folder / name) != table[name]:
             raise ArtifactError(
                 f"{folder / name}: does not match its sha256 in {METADATA}: the file was "
                 "changed after the export; re-export the model (gata-ft export)"
@@ -327,14 +339,7 @@ def verify_tarball(path: Path) -> dict:
     """Check the format version and every file's sha256; return the metadata."""
     metadata = read_tarball_metadata(path)
     ArtifactInfo.of(metadata, path)
-    expected = metadata.get("files", {})
-    if not isinstance(expected, dict) or not all(
-        isinstance(e, dict) and isinstance(e.get("sha256"), str) for e in expected.values()
-    ):
-        raise ArtifactError(
-            f"{path}: {METADATA}: files: expected an object of {{name: {{sha256: ...}}}}, "
-            "found another shape"
-        )
+    expected = _sha256_table(metadata, path)
     seen = set()
     with open_tarball(path) as tar:
         for member in checked_members(tar, path, Limits.from_env()):
@@ -345,7 +350,7 @@ def verify_tarball(path: Path) -> dict:
             data = tar.extractfile(member)
             if data is None:
                 raise ArtifactError(f"{path}: {member.name} is not a regular file")
-            if sha256_stream(data) != expected[member.name]["sha256"]:
+            if sha256_stream(data) != expected[member.name]:
                 raise ArtifactError(f"{path}: {member.name} does not match its sha256")
             seen.add(member.name)
     missing = sorted(set(expected) - seen)
