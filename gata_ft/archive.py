@@ -118,7 +118,11 @@ class Limits:
 
 
 def checked_members(tar: tarfile.TarFile, path: Path, limits: Limits) -> list[tarfile.TarInfo]:
-    """Every member, refusing links, devices, names that point outside, and too many members."""
+    """Every member, refusing links, devices, names that point outside, and too many members.
+
+    Names are given without a leading `./`, so `only` and metadata lookups match
+    tarballs made with `tar -C folder .` as well as ours.
+    """
     members = []
     try:
         for member in tar:
@@ -131,6 +135,9 @@ def checked_members(tar: tarfile.TarFile, path: Path, limits: Limits) -> list[ta
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise ArtifactError(f"{path}: the archive is truncated or corrupt: {e}") from e
     for member in members:
+        # `tar -C folder .` writes ./metadata.json: the same file as metadata.json
+        while member.name.startswith("./"):
+            member.name = member.name[2:]
         name = member.name
         parts = Path(name).parts
         if name.startswith(("/", "\\")) or ".." in parts:

@@ -276,10 +276,11 @@ def write_artifact(content: Path, metadata: dict, destination: Path) -> Path:
 
 def read_tarball_metadata(path: Path) -> dict:
     with open_tarball(path) as tar:
-        try:
-            member = tar.getmember(METADATA)
-        except KeyError:
-            raise ArtifactError(f"{path}: no {METADATA} at the root of the tarball") from None
+        # checked_members, not getmember: the member cap holds and ./metadata.json is found
+        found = [m for m in checked_members(tar, path, Limits.from_env()) if m.name == METADATA]
+        if not found:
+            raise ArtifactError(f"{path}: no {METADATA} at the root of the tarball")
+        member = found[-1]  # as getmember: the last of equal names wins
         data = tar.extractfile(member)
         if data is None:
             raise ArtifactError(f"{path}: {METADATA} is not a regular file")
@@ -343,7 +344,7 @@ def verify_tarball(path: Path) -> dict:
     seen = set()
     with open_tarball(path) as tar:
         for member in checked_members(tar, path, Limits.from_env()):
-            if member.name == METADATA:
+            if member.name == METADATA or member.isdir():  # `tar -C folder .` lists folders
                 continue
             if member.name not in expected:
                 raise ArtifactError(f"{path}: {member.name} is not listed in {METADATA}")

@@ -142,16 +142,14 @@ def serve(model, host, port, graph, threads, no_verify_files) -> None:
     """
     loaded = None
     with _failure_guard(None):
-        import os
-
         from gata_ft.failure import Terminated
         from gata_ft.runtime import Model
         from gata_ft.sagemaker import model_dir
-        from gata_ft.server import Settings, check_port, serve_workers
+        from gata_ft.server import Settings, check_port, port_from_env, serve_workers
         from gata_ft.server import serve as run_server
 
         settings = Settings.from_env()
-        port = port or int(os.environ.get("SAGEMAKER_BIND_TO_PORT") or 8080)
+        port = port or port_from_env()
         check_port(host, port)
         loaded = Model.load(
             model or model_dir(), graph=graph, threads=threads, verify_files=not no_verify_files
@@ -161,7 +159,8 @@ def serve(model, host, port, graph, threads, no_verify_files) -> None:
             click.echo(f"golden samples reproduced: {checked}", err=True)
         try:
             if settings.workers > 1:
-                serve_workers(str(loaded.folder), graph, host, port, settings)
+                loaded.release_session()  # each worker loads its own; the folder stays
+                serve_workers(str(loaded.folder), graph, host, port, settings, threads)
             else:
                 run_server(loaded, host, port, settings)
         except Terminated:  # uvicorn re-raises the SIGTERM it shut down on: a normal stop

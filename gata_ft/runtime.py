@@ -158,6 +158,10 @@ class Model:
             model.verify_golden()
         return model
 
+    def release_session(self) -> None:
+        """Free the onnxruntime session (its memory); the folder stays for other processes."""
+        self.classifier = None
+
     def close(self) -> None:
         """Remove the folder a tarball was extracted to (nothing for a folder given)."""
         scratch = getattr(self, "_scratch", None)

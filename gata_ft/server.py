@@ -61,8 +61,8 @@ class Settings:
                 value = kind(raw)
             except ValueError:
                 value = 0
-            if value <= 0:
-                raise ConfigError(f"{name}: expected a positive number, found {raw!r}")
+            if not 0 < value < float("inf"):  # nan and inf too
+                raise ConfigError(f"{name}: expected a positive number, found {raw[:100]!r}")
             return value
 
         return cls(
@@ -70,6 +70,17 @@ class Settings:
             timeout_seconds=number("SAGEMAKER_MODEL_SERVER_TIMEOUT", 60.0, float),
             workers=int(number("SAGEMAKER_MODEL_SERVER_WORKERS", 1)),
         )
+
+
+def port_from_env(env=None) -> int:
+    """SAGEMAKER_BIND_TO_PORT, or 8080."""
+    env = os.environ if env is None else env
+    raw = env.get("SAGEMAKER_BIND_TO_PORT", "").strip()
+    if not raw:
+        return 8080
+    if not (raw.isdigit() and 0 < int(raw) < 65536):
+        raise ConfigError(f"SAGEMAKER_BIND_TO_PORT: expected a port (1-65535), found {raw[:100]!r}")
+    return int(raw)
 
 
 class BadRequest(Exception):
@@ -160,16 +171,15 @@ async def _body(request: Request, limit: int) -> bytes:
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise BadRequest(413, _too_large(size, limit))
+            raise BadRequest(413, _too_large(None, limit))  # the rest is not read
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-def _too_large(size: int, limit: int) -> str:
-    return (
-        f"expected a body of at most {limit / 2**20:g} MB (SAGEMAKER_MAX_PAYLOAD_IN_MB), "
-        f"found {'at least ' if size == limit + 1 else ''}{size / 2**20:.1f} MB"
-    )
+def _too_large(size: int | None, limit: int) -> str:
+    found = f"{size / 2**20:.1f} MB" if size is not None else "more (stopped reading there)"
+    limit_mb = f"{limit / 2**20:g} MB"
+    return f"expected a body of at most {limit_mb} (SAGEMAKER_MAX_PAYLOAD_IN_MB), found {found}"
 
 
 def _parse(body: bytes, kind: str) -> tuple[list, int, bool]:
@@ -291,11 +301,23 @@ def serve(model: Model, host: str, port: int, settings: Settings | None = None) 
     )
 
 
-def serve_workers(model_path: str, graph: str, host: str, port: int, settings: Settings) -> None:
-    """Run `settings.workers` processes, each loading the model (SAGEMAKER_MODEL_SERVER_WORKERS)."""
+def serve_workers(
+    model_path: str,
+    graph: str,
+    host: str,
+    port: int,
+    settings: Settings,
+    threads: int = 0,
+) -> None:
+    """Run `settings.workers` processes, each loading the model (SAGEMAKER_MODEL_SERVER_WORKERS).
+
+    The parent has verified the files and replayed the golden samples already,
+    so the workers skip the sha256 check of the same folder. `threads` 0 shares
+    the cores among the workers.
+    """
     import uvicorn
 
-    threads = max(1, (os.cpu_count() or 1) // settings.workers)
+    threads = threads or max(1, (os.cpu_count() or 1) // settings.workers)
     os.environ.update(
         {"GATA_SERVE_MODEL": model_path, "GATA_SERVE_GRAPH": graph,
          "GATA_SERVE_THREADS": str(threads)}
@@ -317,5 +339,6 @@ def worker_app() -> Starlette:
         os.environ["GATA_SERVE_MODEL"],
         graph=os.environ.get("GATA_SERVE_GRAPH", "serve"),
         threads=int(os.environ.get("GATA_SERVE_THREADS", "0")),
+        verify_files=False,  # the parent checked this folder before starting the workers
     )
     return create_app(model, Settings.from_env())

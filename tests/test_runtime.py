@@ -315,3 +315,41 @@ def test_extraction_caps_refuse_a_gzip_bomb_and_huge_metadata(tmp_path, monkeypa
     monkeypatch.setenv("GATA_MAX_METADATA_MB", "1")
     result = CliRunner().invoke(cli, ["inspect", str(bomb)])
     one_error(result, "expected at most 1 MB of metadata, found 2 MB; raise GATA_MAX_METADATA_MB")
+
+
+def test_a_tarball_made_with_tar_dot_loads_and_verifies(tmp_path, trained_artifact):
+    """`tar czf model.tar.gz -C folder .` names members ./metadata.json: the same artifact."""
+    folder = tmp_path / "model"
+    safe_extract(trained_artifact["tarball"], folder)
+    tarball = tmp_path / "dot.tar.gz"
+    subprocess.run(["tar", "czf", str(tarball), "-C", str(folder), "."], check=True)
+    import tarfile
+
+    with tarfile.open(tarball) as tar:
+        assert "./metadata.json" in tar.getnames()
+    model = Model.load(tarball)
+    try:
+        assert model.predict([FIXED[0]])[0].label == Model.load(folder).predict([FIXED[0]])[0].label
+    finally:
+        model.close()
+    shown = CliRunner().invoke(cli, ["inspect", str(tarball)])
+    assert shown.exit_code == 0, shown.output  # every file's sha256 checked
+    assert "metadata.json" not in json.loads(shown.stdout)["files"]
+    assert "onnx/model.onnx" in json.loads(shown.stdout)["files"]
+
+
+def test_reading_metadata_from_a_tarball_honours_the_member_cap(tmp_path, monkeypatch):
+    import io
+    import tarfile
+
+    crowded = tmp_path / "crowded.tar.gz"
+    with tarfile.open(crowded, "w:gz") as tar:
+        for i in range(50):
+            tar.addfile(tarfile.TarInfo(f"noise/{i}"), io.BytesIO(b""))
+        meta = b"{}"
+        info = tarfile.TarInfo("metadata.json")
+        info.size = len(meta)
+        tar.addfile(info, io.BytesIO(meta))
+    monkeypatch.setenv("GATA_MAX_MEMBERS", "20")
+    result = CliRunner().invoke(cli, ["inspect", str(crowded)])
+    one_error(result, "expected at most 20 members, found more; raise GATA_MAX_MEMBERS")

@@ -263,6 +263,18 @@ def test_the_body_limit_follows_sagemaker_max_payload(trained_artifact):
             "expected a body of at most 1 MB (SAGEMAKER_MAX_PAYLOAD_IN_MB), found 1.3 MB"
         )
         connection.close()
+        # no Content-Length (chunked): counted as it arrives, refused past the limit
+        connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=10)
+        chunks = (b"x" * 2**16 for _ in range(40))  # 2.5 MB
+        connection.request("POST", "/invocations", body=chunks, encode_chunked=True,
+                           headers={"Content-Type": "application/json"})  # fmt: skip
+        response = connection.getresponse()
+        assert response.status == 413
+        assert json.loads(response.read())["error"] == (
+            "expected a body of at most 1 MB (SAGEMAKER_MAX_PAYLOAD_IN_MB), found more (stopped "
+            "reading there)"
+        )
+        connection.close()
         assert json.loads(request(url, "/execution-parameters")[2])["MaxPayloadInMB"] == 1
         status, _, _ = request(url, "/invocations", json.dumps({"text": FIXED[0]}).encode(),
                                {"Content-Type": "application/json"})  # fmt: skip
@@ -327,6 +339,11 @@ def test_two_workers_serve_as_separate_processes(trained_artifact):
     )
     try:
         assert json.loads(request(url, "/execution-parameters")[2])["MaxConcurrentTransforms"] == 2
+        # two worker processes under the supervisor, each with its own model
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        workers = [pid for pid in children
+                   if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]  # fmt: skip
+        assert len(workers) == 2, children
         for text in FIXED:
             status, _, _ = request(url, "/invocations", json.dumps({"text": text}).encode(),
                                    {"Content-Type": "application/json"})  # fmt: skip
@@ -334,3 +351,50 @@ def test_two_workers_serve_as_separate_processes(trained_artifact):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("SAGEMAKER_MAX_PAYLOAD_IN_MB", "nan", "expected a positive number, found 'nan'"),
+        ("SAGEMAKER_MAX_PAYLOAD_IN_MB", "inf", "expected a positive number, found 'inf'"),
+        ("SAGEMAKER_MODEL_SERVER_TIMEOUT", "-5", "expected a positive number, found '-5'"),
+        ("SAGEMAKER_MODEL_SERVER_WORKERS", "2.5", "expected a positive number, found '2.5'"),
+        ("SAGEMAKER_BIND_TO_PORT", "http", "expected a port (1-65535), found 'http'"),
+        ("SAGEMAKER_BIND_TO_PORT", "70000", "expected a port (1-65535), found '70000'"),
+    ],
+)
+def test_bad_sagemaker_variables_are_one_error_line(trained_artifact, name, value, expected):
+    from click.testing import CliRunner
+
+    from gata_ft.cli import cli
+
+    result = CliRunner().invoke(cli, ["serve", str(trained_artifact["tarball"])], env={name: value})
+    assert result.exit_code == 1, result.output
+    assert result.stderr.splitlines() == [f"Error: {name}: {expected}"]
+
+
+def test_workers_get_the_thread_count_and_skip_a_second_file_check(monkeypatch, tmp_path):
+    import uvicorn
+
+    from gata_ft import server
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    for name in ("GATA_SERVE_MODEL", "GATA_SERVE_GRAPH", "GATA_SERVE_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    settings = server.Settings(workers=2)
+    server.serve_workers(str(tmp_path), "int8", "127.0.0.1", 8080, settings, threads=3)
+    assert seen["workers"] == 2
+    assert seen["factory"] is True
+    assert os.environ["GATA_SERVE_THREADS"] == "3"  # --threads reaches every worker
+    server.serve_workers(str(tmp_path), "int8", "127.0.0.1", 8080, settings)
+    assert os.environ["GATA_SERVE_THREADS"] == str(max(1, (os.cpu_count() or 1) // 2))
+
+    loaded = {}
+    monkeypatch.setattr(server.Model, "load", lambda path, **kw: loaded.update(path=path, **kw))
+    monkeypatch.setattr(server, "create_app", lambda model, settings: "app")
+    assert server.worker_app() == "app"
+    assert loaded == {"path": str(tmp_path), "graph": "int8",
+                      "threads": int(os.environ["GATA_SERVE_THREADS"]),
+                      "verify_files": False}  # fmt: skip
