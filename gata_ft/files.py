@@ -31,11 +31,30 @@ def write_text(destination: Path, text: str) -> Path:
 
 
 def remove_partials(folder: Path) -> list[Path]:
-    """Delete partial files an interrupted run of ours left in `folder` (.NAME.partial-PID)."""
+    """Delete partial files an interrupted run of ours left in `folder` (.NAME.partial-PID).
+
+    A partial whose process still runs (another export into the same folder) is
+    left alone; one of a dead process, or of another machine or container (a
+    spot instance's earlier run: its PID is not ours to see), is removed.
+    """
     removed = []
     if folder.is_dir():
         for path in folder.glob(f".*{PARTIAL}*"):
-            if path.is_file() and not path.is_symlink():
-                path.unlink(missing_ok=True)
-                removed.append(path)
+            if not path.is_file() or path.is_symlink() or _writer_runs(path):
+                continue
+            path.unlink(missing_ok=True)
+            removed.append(path)
     return removed
+
+
+def _writer_runs(path: Path) -> bool:
+    pid = path.name.rpartition(PARTIAL)[2]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, OverflowError):  # no such process
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True

@@ -60,16 +60,19 @@ def read_source(path: Path, scratch: Path, max_length: int | None) -> Source:
         )
     metadata = None
     if (folder / METADATA).is_file():
-        try:
-            metadata = json.loads((folder / METADATA).read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ArtifactError(f"{path}: {METADATA} is not valid JSON: {e}") from e
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        metadata = _json_object(folder / METADATA, path)
+    config = _json_object(folder / "config.json", path)
 
     if metadata and "format_version" in metadata:
         kind = "gata-ft"
-        labels = tuple(entry["label"] for entry in metadata["labels"])
-        length = metadata["max_length"]
+        try:
+            labels = tuple(int(entry["label"]) for entry in metadata["labels"])
+        except (KeyError, TypeError, ValueError):
+            raise ArtifactError(
+                f'{path}: {METADATA}: labels: expected a list of {{"label": queue id}}, '
+                f"found {str(metadata.get('labels'))[:100]}"
+            ) from None
+        length = metadata.get("max_length", OLD_JOB_MAX_LENGTH)
     elif metadata and "label_mapping" in metadata:
         kind = "gata-finetune"
         labels = _labels_from_mapping(path, metadata["label_mapping"])
@@ -86,11 +89,26 @@ def read_source(path: Path, scratch: Path, max_length: int | None) -> Source:
     return Source(kind, folder, metadata, labels, max_length or length, digest)
 
 
+def _json_object(file: Path, path: Path) -> dict:
+    """A JSON object from a file of the input; ArtifactError naming the file otherwise."""
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, huge integers
+        raise ArtifactError(f"{path}: {file.name}: expected JSON, found invalid JSON: {e}") from e
+    except RecursionError:
+        raise ArtifactError(f"{path}: {file.name}: expected JSON, found nesting too deep") from None
+    if not isinstance(value, dict):
+        raise ArtifactError(
+            f"{path}: {file.name}: expected a JSON object, found {type(value).__name__}"
+        )
+    return value
+
+
 def _labels_from_mapping(path: Path, mapping: dict) -> tuple[int, ...]:
     """gata-finetune's label_mapping, in either direction: {label: class id} or the reverse."""
     try:
         pairs = {int(k): int(v) for k, v in mapping.items()}
-    except (TypeError, ValueError) as e:
+    except (AttributeError, TypeError, ValueError) as e:
         raise ArtifactError(
             f"{path}: label_mapping: expected integer labels and class ids, found {mapping!r}"
         ) from e
@@ -110,8 +128,9 @@ def _labels_from_config(path: Path, config: dict) -> tuple[int, ...]:
     id2label = config.get("id2label") or {}
     try:
         return tuple(int(id2label[str(i)]) for i in range(len(id2label)))
-    except (KeyError, ValueError):
-        shown = ", ".join(list(id2label.values())[:3])
+    except (KeyError, TypeError, ValueError):
+        values = id2label.values() if isinstance(id2label, dict) else [repr(id2label)]
+        shown = ", ".join(str(v) for v in list(values)[:3])
         raise ArtifactError(
             f"{path}: config.json's id2label must map class ids to queue ids (integers), "
             f"found {shown}...; export a gata-ft or gata-finetune tarball instead, whose "

@@ -274,11 +274,25 @@ def test_sigterm_at_any_stage_ends_cleanly_and_the_rerun_completes(
 
 
 def test_a_partial_tarball_of_a_killed_run_is_removed(sm_env, tiny_hyperparameters, no_model):
-    stale = sm_env["SM_MODEL_DIR"] / ".model.tar.gz.partial-4242"
+    import subprocess
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale = sm_env["SM_MODEL_DIR"] / f".model.tar.gz.partial-{gone.pid}"
     stale.write_bytes(b"x" * 1000)  # as SIGKILL would leave it
+    running = subprocess.Popen(["sleep", "60"])  # another export writing beside us
+    live = sm_env["SM_MODEL_DIR"] / f".model.tar.gz.partial-{running.pid}"
+    live.write_bytes(b"y" * 1000)
     write_hyperparameters(sm_env, {**tiny_hyperparameters, "fallback_label": "12"})
-    CliRunner().invoke(cli, ["train"])
+    try:
+        result = CliRunner().invoke(cli, ["train"])
+    finally:
+        running.kill()
+        running.wait()
+    # the job stopped at preflight (no such fallback label), after the clean-up
+    assert_one_clean_error(result, "fallback_label")
     assert not stale.exists()
+    assert live.read_bytes() == b"y" * 1000
 
 
 # --- full and read-only disks, simulated by patching the writes --------------------------
@@ -291,12 +305,18 @@ def enospc(path):
     return fail
 
 
+def enospc_in_tarball(tar, *args):
+    """archive._add failing as a full disk does, naming the partial file being written."""
+    raise OSError(errno.ENOSPC, "No space left on device", tar.fileobj.fileobj.name)
+
+
 @pytest.mark.job
 def test_a_full_disk_in_the_model_folder(sm_env, tiny_hyperparameters, monkeypatch):
     write_hyperparameters(sm_env, tiny_hyperparameters)
-    target = sm_env["SM_MODEL_DIR"] / ".model.tar.gz.partial"
-    monkeypatch.setattr("gata_ft.archive._add", enospc(target))
+    monkeypatch.setattr("gata_ft.archive._add", enospc_in_tarball)
     result = CliRunner().invoke(cli, ["train"])
+    # the partial file of this process, named as atomic_path writes it
+    target = sm_env["SM_MODEL_DIR"] / f".model.tar.gz.partial-{os.getpid()}"
     assert_one_clean_error(
         result, f"{target}: expected free space on its disk, found none (No space left",
         sm_env["SM_OUTPUT_DIR"] / "failure",

@@ -158,3 +158,29 @@ def test_output_rules(tmp_path, trained_artifact):
     assert result.exit_code == 1
     assert "already exists; pass --force to replace it" in result.stderr
     assert existing.read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize(
+    ("file", "content", "message"),
+    [
+        ("config.json", "{not json", "config.json: expected JSON, found invalid JSON"),
+        ("config.json", "[1, 2, 3]", "config.json: expected a JSON object, found list"),
+        ("config.json", '{"id2label": [1, 2]}', "the model has 2 outputs but 10 labels are"),
+        ("metadata.json", "[" * 100_000, "metadata.json: expected JSON, found"),
+        ("metadata.json", '{"format_version": 2, "labels": 7}',
+         'metadata.json: labels: expected a list of {"label": queue id}, found 7'),
+        ("metadata.json", '{"label_mapping": [1, 2]}', "label_mapping: expected integer labels"),
+    ],
+)  # fmt: skip
+def test_a_malformed_source_folder_is_one_error_line(tmp_path, trained_artifact, file, content,
+                                                     message):  # fmt: skip
+    folder = tmp_path / "source"
+    safe_extract(trained_artifact["tarball"], folder)
+    (folder / file).write_text(content)
+    result = CliRunner().invoke(cli, ["export", str(folder), "-o", str(tmp_path / "out.tar.gz")])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert result.stderr.startswith(f"Error: {folder}: ")
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert message in result.stderr
+    assert not (tmp_path / "out.tar.gz").exists()
