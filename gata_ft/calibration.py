@@ -19,11 +19,20 @@ from gata_ft.metrics import clopper_pearson, softmax
 from gata_ft.scope import FEATURE, METHOD, RoutingRule, Scope
 from gata_ft.scope import VERSION as SCOPE_VERSION
 
-REJECTION_STEPS = 13  # candidate distance thresholds: every 5% of in-scope rejection
+# Candidate distance thresholds: about every 1% of in-scope rejection. On 20 re-splits of the
+# calibration channels of BANKING77-OOS and CLINC150 (chosen on one half, scored on the other;
+# never the reported test halves), 1% steps kept 87-96% of the oracle's coverage (median)
+# where 5% steps kept 82-94%, missing the target as often (6 against 5 of 80).
+REJECTION_STEPS = 60
 # With a channel the search picks among many (distance, probability) pairs on traffic whose
 # figures are noisy (out-of-scope tickets, few per queue): a stricter bound offsets that.
 CHANNEL_CONFIDENCE = 0.95
 THRESHOLD_CONFIDENCE = 0.9  # the threshold's accuracy holds with this confidence
+# Without a channel, out-of-scope tickets are assumed to pass the thresholds as often as the
+# held-out in-scope tickets the model misroutes, at this upper bound. Chosen on the
+# calibration-channel halves of BANKING77-OOS and CLINC150 (never their reported test
+# halves): 0.9 routes nothing at 0.97 on BANKING77-OOS, 0.5 misses 0.97 there (96.8%).
+PASS_CONFIDENCE = 0.75
 MIN_ROWS_TO_HOLD_OUT = 5  # a class with fewer training rows gives none to calibration
 APPLIED = "folded into the classifier's weights: every graph outputs calibrated logits"
 
@@ -75,6 +84,7 @@ class Choice:
     distance_threshold: float | None  # None: no scope check
     coverage: float  # share of tickets routed, as estimated
     accuracy_bound: float | None  # lower bound of their accuracy at the chosen confidence
+    out_of_scope_pass: float | None = None  # assumed share of out-of-scope tickets routed
 
 
 def choose_thresholds(
@@ -86,8 +96,6 @@ def choose_thresholds(
     fallback_class: int | None = None,
     min_rejection: float = 0.0,
     out_of_scope_share: float | None = None,
-    leave_one_out: np.ndarray | None = None,
-    pass_rate_factor: float = 1.0,
     confidence: float = THRESHOLD_CONFIDENCE,
 ) -> Choice:
     """The thresholds that route the most tickets while the routed accuracy meets `target`.
@@ -105,11 +113,11 @@ def choose_thresholds(
       router will see, out-of-scope tickets included under the fallback label;
       routed accuracy is counted on them as they are.
     - in-scope rows plus an assumption: out-of-scope tickets are
-      `out_of_scope_share` of traffic and pass a distance threshold as often as
-      `leave_one_out` distances do (held-out tickets scored without their own
-      queue), at the upper confidence bound; routed accuracy is then
-      (1 - s) c a / ((1 - s) c + s p) for in-scope coverage c, accuracy a and
-      out-of-scope pass rate p.
+      `out_of_scope_share` of traffic and pass both thresholds as often as the
+      in-scope rows the model gets wrong do (a ticket no queue owns is one the
+      model cannot place; every routing of it is wrong), at the upper bound
+      PASS_CONFIDENCE; routed accuracy is then (1 - s) c a / ((1 - s) c + s p)
+      for in-scope coverage c, accuracy a and out-of-scope pass rate p.
     """
     probabilities = np.asarray(probabilities)
     labels = np.asarray(class_ids)
@@ -118,6 +126,7 @@ def choose_thresholds(
     in_scope = np.ones(len(labels), bool) if fallback_class is None else labels != fallback_class
     share = out_of_scope_share
     rows = in_scope if share is not None else np.ones(len(labels), bool)
+    misrouted = int((rows & ~correct).sum())  # the stand-in for out-of-scope tickets
     candidates: list[float | None] = [None]
     if distances is not None and in_scope.any():
         rejections = np.linspace(min_rejection, max(min_rejection, 0.6), REJECTION_STEPS)
@@ -143,22 +152,23 @@ def choose_thresholds(
         "lower",
     )
     best, start = Choice(None, candidates[-1], 0.0, None), 0
-    for tau, _, n, thresholds in curves:
+    for tau, k, n, thresholds in curves:
         bound, start = bounds[start : start + len(n)], start + len(n)
         coverage = n / rows.sum()
+        passed = None
         if share is not None and share > 0:
-            passed = 1.0  # nothing tells an out-of-scope ticket apart: assume it passes
-            if tau is not None and leave_one_out is not None:
-                passes = (leave_one_out <= tau).sum()
-                upper = float(clopper_pearson(passes, len(leave_one_out), confidence, "upper"))
-                passed = min(1.0, pass_rate_factor * upper)
+            # the misrouted rows that pass are the routed rows that are wrong: n - k of them
+            passed = clopper_pearson(n - k, misrouted, PASS_CONFIDENCE, "upper")
             routed = (1 - share) * coverage + share * passed
             bound = (1 - share) * coverage * bound / routed
             coverage = routed
         meets = np.flatnonzero(bound >= target)
         if meets.size and coverage[meets.max()] > best.coverage:
             j = meets.max()
-            best = Choice(float(thresholds[j]), tau, float(coverage[j]), float(bound[j]))
+            best = Choice(
+                float(thresholds[j]), tau, float(coverage[j]), float(bound[j]),
+                None if passed is None else float(passed[j]),
+            )  # fmt: skip
     return best
 
 
@@ -229,17 +239,12 @@ def calibrate(
     held_distance = scope.distance(held.features) if scope else None
     test_distance = scope.distance(test.features) if scope else None
     held_in_scope = held.class_ids != fallback if fallback is not None else None
-    share, loo = None, None
+    share = None if options.channel else options.expected_out_of_scope
     confidence = CHANNEL_CONFIDENCE if options.channel else THRESHOLD_CONFIDENCE
-    if not options.channel:
-        share = options.expected_out_of_scope
-        if scope is not None:
-            mask = np.ones(len(held.class_ids), bool) if held_in_scope is None else held_in_scope
-            loo = scope.leave_one_out(held.features[mask], held.class_ids[mask])
     choice = choose_thresholds(
         held_after, held.class_ids, options.target, distances=held_distance,
         fallback_class=fallback, min_rejection=options.min_rejection,
-        out_of_scope_share=share, leave_one_out=loo, confidence=confidence,
+        out_of_scope_share=share, confidence=confidence,
     )  # fmt: skip
     rule = RoutingRule(choice.threshold, choice.distance_threshold if scope else None, fallback)
     routed = rule.route(after, test_distance)
@@ -264,7 +269,7 @@ def calibrate(
         "threshold": choice.threshold,
         "fallback_label": None if fallback is None else int(label_names[fallback]),
         "scope": _scope_block(scope, rule, held_distance, held_in_scope),
-        "assumption": _assumption(options, share, loo, rule),
+        "assumption": _assumption(options, share, choice),
         "routing_calibration": {
             "coverage": choice.coverage,
             "accuracy_bound": choice.accuracy_bound,
@@ -308,15 +313,12 @@ def _scope_block(scope: Scope | None, rule: RoutingRule, distance, in_scope) -> 
     }
 
 
-def _assumption(options: Options, share, loo, rule: RoutingRule) -> dict:
+def _assumption(options: Options, share, choice: Choice) -> dict:
     if options.channel:
         return {"source": "calibration channel: labelled traffic, out-of-scope tickets included"}
-    tau = rule.distance_threshold
-    passed = None
-    if loo is not None and tau is not None and len(loo):
-        passed = float(clopper_pearson((loo <= tau).sum(), len(loo), THRESHOLD_CONFIDENCE, "upper"))
     return {
         "expected_out_of_scope": share,
-        "out_of_scope_pass_rate": passed,
-        "method": "held-out tickets scored without their own queue (leave one queue out)",
+        "out_of_scope_pass_rate": choice.out_of_scope_pass,
+        "method": "out-of-scope tickets pass as often as the held-out in-scope tickets the model "
+        f"misroutes ({PASS_CONFIDENCE:.0%} upper bound)",
     }

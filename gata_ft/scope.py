@@ -64,19 +64,6 @@ class Scope:
         """(n,): distance to the nearest class mean; larger is farther from every queue."""
         return np.sqrt(self.squared(features).min(1))
 
-    def leave_one_out(self, features, class_ids) -> np.ndarray:
-        """(n,): distance to the nearest mean of another class, as if the own queue were unknown.
-
-        Held-out tickets of a queue, scored without that queue: the stand-in for
-        out-of-scope tickets when no labelled traffic is given.
-        """
-        squared = self.squared(features)
-        column = {c: i for i, c in enumerate(self.classes.tolist())}
-        for row, c in enumerate(np.asarray(class_ids).tolist()):
-            if c in column:
-                squared[row, column[c]] = np.inf
-        return np.sqrt(squared.min(1))
-
     def save(self, path: Path) -> None:
         # .npz without pickles: np.load(allow_pickle=False) reads it back
         with path.open("wb") as f:

@@ -90,20 +90,36 @@ def test_a_channel_with_out_of_scope_traffic_gets_a_distance_threshold():
     assert correct[routed].mean() >= 0.9
 
 
-def test_the_assumed_out_of_scope_share_costs_coverage_as_leave_one_out_says():
+def test_the_assumed_share_is_routed_as_often_as_the_misrouted_rows_are():
+    from scipy.stats import beta
+
     rng = np.random.default_rng(1)
     probabilities, labels, distances = traffic(rng, n_out=0)
-    near = np.full(200, 0.5)  # out-of-scope tickets as close as in-scope ones: nothing helps
-    far = np.full(200, 50.0)  # ... or far from every queue: the distance keeps them out
     kwargs = {"distances": distances, "fallback_class": 2, "min_rejection": 0.01}
     none = cal.choose_thresholds(probabilities, labels, 0.9, **kwargs, out_of_scope_share=0.0)
-    with_far = cal.choose_thresholds(probabilities, labels, 0.9, **kwargs,
-                                     out_of_scope_share=0.3, leave_one_out=far)  # fmt: skip
-    with_near = cal.choose_thresholds(probabilities, labels, 0.9, **kwargs,
-                                      out_of_scope_share=0.3, leave_one_out=near)  # fmt: skip
-    assert none.coverage >= with_far.coverage > with_near.coverage
-    # 30% of traffic routed wrongly whenever in scope: 0.9 needs a high threshold or none
-    assert with_near.threshold is None or with_near.threshold > none.threshold
+    assumed = cal.choose_thresholds(probabilities, labels, 0.9, **kwargs, out_of_scope_share=0.3)
+    assert none.out_of_scope_pass is None
+    assert none.coverage > assumed.coverage  # the assumption costs tickets
+    # the figures, recomputed by hand at the chosen thresholds
+    top, predicted = probabilities.max(-1), probabilities.argmax(-1)
+    wrong = predicted != labels
+    routed = (top >= assumed.threshold) & (distances <= assumed.distance_threshold)
+    k, n, m = int((routed & ~wrong).sum()), int(routed.sum()), int(wrong.sum())
+    passed = beta.ppf(0.75, n - k + 1, m - (n - k))  # misrouted rows that pass, 75% upper
+    assert assumed.out_of_scope_pass == pytest.approx(passed)
+    c, a = n / len(labels), beta.ppf(0.1, k, n - k + 1)
+    bound = 0.7 * c * a / (0.7 * c + 0.3 * passed)
+    assert assumed.coverage == pytest.approx(0.7 * c + 0.3 * passed)
+    assert assumed.accuracy_bound == pytest.approx(bound)
+    assert bound >= 0.9
+    # a model that is confidently wrong lets out-of-scope tickets through: fewer routed
+    confident = probabilities.copy()
+    rows = np.flatnonzero(wrong)
+    confident[rows] = 0.0
+    confident[rows, predicted[rows]] = 0.99  # the same wrong answers, sure of themselves
+    confident[rows, 1 - predicted[rows]] = 0.01
+    worse = cal.choose_thresholds(confident, labels, 0.9, **kwargs, out_of_scope_share=0.3)
+    assert worse.threshold is None or worse.coverage < assumed.coverage
 
 
 def rows_for(probabilities, labels, distances):

@@ -20,10 +20,6 @@ def test_distance_on_a_hand_computed_case():
     # (1, 0): sqrt(1/4) = 0.5 from (0, 0), sqrt(9/4) = 1.5 from (4, 0)
     # (4, 2): sqrt(16/4 + 4) = 2.83 from (0, 0), sqrt(0 + 4) = 2 from (4, 0)
     np.testing.assert_allclose(scope.distance(x), [0.5, 2.0], rtol=1e-6)
-    # without its own queue: (1, 0) of class 3 is 1.5 from class 7; (4, 2) of class 7 is 2.83
-    np.testing.assert_allclose(scope.leave_one_out(x, [3, 7]), [1.5, np.sqrt(8)], rtol=1e-6)
-    # a class the scope does not hold (the fallback queue) keeps every mean
-    np.testing.assert_allclose(scope.leave_one_out(x, [9, 9]), [0.5, 2.0], rtol=1e-6)
 
 
 def test_whitening_equals_the_direct_distance():
