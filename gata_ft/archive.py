@@ -85,7 +85,7 @@ def member_sizes(path: Path) -> dict[str, int]:
     """Size of each member, by name, read from the headers (nothing is extracted)."""
     with open_tarball(path) as tar:
         members = checked_members(tar, path, Limits.from_env())
-        return {member.name.removeprefix("./"): member.size for member in members}
+        return {member.name: member.size for member in members}
 
 
 @dataclass(frozen=True)
@@ -120,8 +120,8 @@ class Limits:
 def checked_members(tar: tarfile.TarFile, path: Path, limits: Limits) -> list[tarfile.TarInfo]:
     """Every member, refusing links, devices, names that point outside, and too many members.
 
-    Names are given without a leading `./`, so `only` and metadata lookups match
-    tarballs made with `tar -C folder .` as well as ours.
+    Names are normalised (no `./`, no empty components), so `only` and metadata
+    lookups match tarballs made with `tar -C folder .` as well as ours.
     """
     members = []
     try:
@@ -135,16 +135,17 @@ def checked_members(tar: tarfile.TarFile, path: Path, limits: Limits) -> list[ta
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise ArtifactError(f"{path}: the archive is truncated or corrupt: {e}") from e
     for member in members:
-        # `tar -C folder .` writes ./metadata.json: the same file as metadata.json
-        while member.name.startswith("./"):
-            member.name = member.name[2:]
         name = member.name
-        parts = Path(name).parts
+        parts = Path(name).parts  # without "." and empty components
         if name.startswith(("/", "\\")) or ".." in parts:
             raise ArtifactError(f"{path}: refusing to extract {name!r}: it points outside")
+        if member.isfile() and not parts:
+            raise ArtifactError(f"{path}: refusing to extract {name!r}: a file with no name")
         if not (member.isfile() or member.isdir()):
             kind = "a link" if member.issym() or member.islnk() else "a device or special file"
             raise ArtifactError(f"{path}: refusing to extract {name!r}: it is {kind}")
+        # `tar -C folder .` writes ./metadata.json: the same file as metadata.json
+        member.name = "/".join(parts) or "."
     return members
 
 

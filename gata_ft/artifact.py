@@ -201,7 +201,7 @@ class ArtifactInfo:
             raise ArtifactError(f"{folder}: no {METADATA}: not a gata-ft model")
         _check_metadata_size(path.stat().st_size, path)
         with path.open("rb") as f:
-            return cls.of(_load_json(f, path), folder)
+            return cls.of(load_json(f, path), folder)
 
 
 class _FieldReader:
@@ -285,7 +285,7 @@ def read_tarball_metadata(path: Path) -> dict:
         if data is None:
             raise ArtifactError(f"{path}: {METADATA} is not a regular file")
         _check_metadata_size(member.size, f"{path}: {METADATA}")
-        return _load_json(data, f"{path}: {METADATA}")
+        return load_json(data, f"{path}: {METADATA}")
 
 
 def _check_metadata_size(size: int, where) -> None:
@@ -327,7 +327,8 @@ def verify_files(folder: Path, metadata: dict, names) -> None:
             )
 
 
-def _load_json(stream, where) -> object:
+def load_json(stream, where) -> object:
+    """JSON from a binary stream; ArtifactError naming `where` for anything unreadable."""
     try:
         return json.load(io.TextIOWrapper(stream, encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, huge integers

@@ -22,7 +22,7 @@ from gata_ft.scope import VERSION as SCOPE_VERSION
 # Candidate distance thresholds: about every 1% of in-scope rejection. On 20 re-splits of the
 # calibration channels of BANKING77-OOS and CLINC150 (chosen on one half, scored on the other;
 # never the reported test halves), 1% steps kept 87-96% of the oracle's coverage (median)
-# where 5% steps kept 82-94%, missing the target as often (6 against 5 of 80).
+# where 5% steps kept 82-94%, missing the target about as often (6 against 5 of 80).
 REJECTION_STEPS = 60
 # With a channel the search picks among many (distance, probability) pairs on traffic whose
 # figures are noisy (out-of-scope tickets, few per queue): a stricter bound offsets that.
@@ -85,6 +85,7 @@ class Choice:
     coverage: float  # share of tickets routed, as estimated
     accuracy_bound: float | None  # lower bound of their accuracy at the chosen confidence
     out_of_scope_pass: float | None = None  # assumed share of out-of-scope tickets routed
+    misrouted_rows: int | None = None  # the stand-in it was estimated from (no channel)
 
 
 def choose_thresholds(
@@ -98,7 +99,8 @@ def choose_thresholds(
     out_of_scope_share: float | None = None,
     confidence: float = THRESHOLD_CONFIDENCE,
 ) -> Choice:
-    """The thresholds that route the most tickets while the routed accuracy meets `target`.
+    """The thresholds that route the most tickets while the routed accuracy meets `target`
+    (under an assumed out-of-scope share: the most in-scope tickets).
 
     A ticket is routed when its top probability is at least `threshold`, its
     distance at most `distance_threshold`, and its top label is not the
@@ -151,23 +153,28 @@ def choose_thresholds(
         confidence,
         "lower",
     )
-    best, start = Choice(None, candidates[-1], 0.0, None), 0
+    assumed = share is not None and share > 0
+    best, most, start = Choice(None, candidates[-1], 0.0, None), 0.0, 0
     for tau, k, n, thresholds in curves:
         bound, start = bounds[start : start + len(n)], start + len(n)
         coverage = n / rows.sum()
         passed = None
-        if share is not None and share > 0:
-            # the misrouted rows that pass are the routed rows that are wrong: n - k of them
+        gain = coverage  # what the search maximises: the tickets routed that can be right
+        if assumed:
+            # the misrouted rows that pass are the routed rows that are wrong: n - k of them;
+            # none misrouted gives no stand-in: every out-of-scope ticket is assumed to pass
             passed = clopper_pearson(n - k, misrouted, PASS_CONFIDENCE, "upper")
-            routed = (1 - share) * coverage + share * passed
-            bound = (1 - share) * coverage * bound / routed
+            gain = (1 - share) * coverage
+            routed = gain + share * passed
+            bound = gain * bound / routed
             coverage = routed
         meets = np.flatnonzero(bound >= target)
-        if meets.size and coverage[meets.max()] > best.coverage:
+        if meets.size and gain[meets.max()] > most:
             j = meets.max()
+            most = gain[j]
             best = Choice(
                 float(thresholds[j]), tau, float(coverage[j]), float(bound[j]),
-                None if passed is None else float(passed[j]),
+                None if passed is None else float(passed[j]), misrouted if assumed else None,
             )  # fmt: skip
     return best
 
@@ -319,6 +326,7 @@ def _assumption(options: Options, share, choice: Choice) -> dict:
     return {
         "expected_out_of_scope": share,
         "out_of_scope_pass_rate": choice.out_of_scope_pass,
+        "misrouted_rows": choice.misrouted_rows,
         "method": "out-of-scope tickets pass as often as the held-out in-scope tickets the model "
         f"misroutes ({PASS_CONFIDENCE:.0%} upper bound)",
     }

@@ -127,7 +127,9 @@ def _read_texts(path: Path) -> list[str]:
 @click.argument("model", type=_PATH, required=False)
 @click.option("--host", default=ALL_INTERFACES, show_default=True, help="Address to listen on.")
 @click.option(
-    "--port", type=int, help="Port to listen on. [env SAGEMAKER_BIND_TO_PORT, default 8080]"
+    "--port",
+    type=click.IntRange(1, 65535),
+    help="Port to listen on. [env SAGEMAKER_BIND_TO_PORT, default 8080]",
 )
 @click.option("--graph", type=_GRAPH, default="serve", show_default=True,
               help="serve: the graph metadata.json names.")  # fmt: skip

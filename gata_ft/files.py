@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,12 +13,18 @@ PARTIAL = ".partial-"
 
 @contextmanager
 def atomic_path(destination: Path) -> Iterator[Path]:
-    """A temporary path beside `destination`, renamed onto it when the block succeeds."""
+    """A temporary path beside `destination`, renamed onto it when the block succeeds.
+
+    The partial file is created first and locked (flock) until the block ends, so
+    that `remove_partials` in another process can tell it is being written.
+    """
     destination.parent.mkdir(parents=True, exist_ok=True)
     partial = destination.with_name(f".{destination.name}{PARTIAL}{os.getpid()}")
     try:
-        yield partial
-        partial.replace(destination)
+        with partial.open("ab") as holder:
+            fcntl.flock(holder, fcntl.LOCK_EX)
+            yield partial
+            partial.replace(destination)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
@@ -33,28 +40,25 @@ def write_text(destination: Path, text: str) -> Path:
 def remove_partials(folder: Path) -> list[Path]:
     """Delete partial files an interrupted run of ours left in `folder` (.NAME.partial-PID).
 
-    A partial whose process still runs (another export into the same folder) is
-    left alone; one of a dead process, or of another machine or container (a
-    spot instance's earlier run: its PID is not ours to see), is removed.
+    A partial that another process is still writing (it holds the file's lock:
+    another export into the same folder) is left alone, whatever its PID.
     """
     removed = []
     if folder.is_dir():
         for path in folder.glob(f".*{PARTIAL}*"):
-            if not path.is_file() or path.is_symlink() or _writer_runs(path):
+            if not path.is_file() or path.is_symlink() or _being_written(path):
                 continue
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
 
 
-def _writer_runs(path: Path) -> bool:
-    pid = path.name.rpartition(PARTIAL)[2]
-    if not pid.isdigit() or int(pid) == os.getpid():
-        return False
+def _being_written(path: Path) -> bool:
     try:
-        os.kill(int(pid), 0)
-    except (ProcessLookupError, OverflowError):  # no such process
-        return False
-    except PermissionError:  # alive, another user's
+        with path.open("rb") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
         return True
-    return True
+    except OSError:  # gone meanwhile, or unreadable: leave it
+        return True
+    return False

@@ -285,18 +285,22 @@ def describe_calibration(result: dict) -> list[str]:
 
 def _scope_terms(result: dict) -> str:
     scope, assumption = result.get("scope"), result.get("assumption") or {}
-    if not scope or scope["distance_threshold"] is None:
-        return ""
-    terms = (
-        f" and in scope (distance at most {scope['distance_threshold']:.1f}, which rejects "
-        f"{_percent(scope['rejected_in_scope'], 1)} of in-scope held-out tickets"
-    )
+    terms = []
+    if scope and scope["distance_threshold"] is not None:
+        terms.append(
+            f"in scope (distance at most {scope['distance_threshold']:.1f}, which rejects "
+            f"{_percent(scope['rejected_in_scope'], 1)} of in-scope held-out tickets)"
+        )
     if "expected_out_of_scope" in assumption:
         share = assumption["expected_out_of_scope"]
-        terms += f"; assuming {_percent(share, 0)} of traffic out of scope"
-        if share and assumption["out_of_scope_pass_rate"] is not None:
-            terms += f", {_percent(assumption['out_of_scope_pass_rate'], 1)} of it passing"
-    return terms + ")"
+        assumed = f"assuming {_percent(share, 0)} of traffic out of scope"
+        if share and assumption.get("out_of_scope_pass_rate") is not None:
+            assumed += (
+                f", {_percent(assumption['out_of_scope_pass_rate'], 1)} of it routed (as "
+                f"{assumption['misrouted_rows']} misrouted held-out tickets are)"
+            )
+        terms.append(assumed)
+    return "".join(f" and {t}" if i == 0 else f"; {t}" for i, t in enumerate(terms))
 
 
 def routing_shortfall(result: dict) -> str:

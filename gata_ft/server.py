@@ -53,22 +53,24 @@ class Settings:
     def from_env(cls, env=None) -> Settings:
         env = os.environ if env is None else env
 
-        def number(name: str, default: float, kind=int) -> float:
+        def number(name: str, default: float, kind=int, scale: int = 1, cap: float = 1e6):
             raw = env.get(name, "")
             if not raw:
                 return default
             try:
                 value = kind(raw)
-            except ValueError:
+            except ValueError:  # and int()'s digit limit
                 value = 0
-            if not 0 < value < float("inf"):  # nan and inf too
-                raise ConfigError(f"{name}: expected a positive number, found {raw[:100]!r}")
-            return value
+            if not 0 < value <= cap or kind(value * scale) < 1:  # nan, inf, 1e308, 1e-9 MB
+                whole = " whole" if kind is int else ""
+                expected = f"a positive{whole} number up to {cap:,.0f}"
+                raise ConfigError(f"{name}: expected {expected}, found {raw[:100]!r}")
+            return kind(value * scale)
 
         return cls(
-            max_payload_bytes=int(number("SAGEMAKER_MAX_PAYLOAD_IN_MB", 6, float) * 2**20),
+            max_payload_bytes=int(number("SAGEMAKER_MAX_PAYLOAD_IN_MB", 6 * 2**20, float, 2**20)),
             timeout_seconds=number("SAGEMAKER_MODEL_SERVER_TIMEOUT", 60.0, float),
-            workers=int(number("SAGEMAKER_MODEL_SERVER_WORKERS", 1)),
+            workers=number("SAGEMAKER_MODEL_SERVER_WORKERS", 1, cap=64),
         )
 
 
@@ -78,7 +80,7 @@ def port_from_env(env=None) -> int:
     raw = env.get("SAGEMAKER_BIND_TO_PORT", "").strip()
     if not raw:
         return 8080
-    if not (raw.isdigit() and 0 < int(raw) < 65536):
+    if not (raw.isascii() and raw.isdigit() and len(raw) < 6 and 0 < int(raw) < 65536):
         raise ConfigError(f"SAGEMAKER_BIND_TO_PORT: expected a port (1-65535), found {raw[:100]!r}")
     return int(raw)
 

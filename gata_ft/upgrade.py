@@ -8,14 +8,13 @@ is only read; tarballs are extracted with `archive.safe_extract`.
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from gata_ft.archive import safe_extract, sha256_file
-from gata_ft.artifact import METADATA, SCOPE, TOKENIZER, ArtifactInfo, label_entries
+from gata_ft.artifact import METADATA, SCOPE, TOKENIZER, ArtifactInfo, label_entries, load_json
 from gata_ft.data import LabelMap
 from gata_ft.errors import ArtifactError
 from gata_ft.scope import RoutingRule, Scope
@@ -65,14 +64,20 @@ def read_source(path: Path, scratch: Path, max_length: int | None) -> Source:
 
     if metadata and "format_version" in metadata:
         kind = "gata-ft"
-        try:
-            labels = tuple(int(entry["label"]) for entry in metadata["labels"])
-        except (KeyError, TypeError, ValueError):
+        entries = metadata.get("labels")
+        labels = ()
+        if isinstance(entries, list) and all(isinstance(e, dict) for e in entries):
+            labels = tuple(entry.get("label") for entry in entries)
+        if not labels or not all(_is_int(label) for label in labels):
             raise ArtifactError(
                 f'{path}: {METADATA}: labels: expected a list of {{"label": queue id}}, '
-                f"found {str(metadata.get('labels'))[:100]}"
-            ) from None
-        length = metadata.get("max_length", OLD_JOB_MAX_LENGTH)
+                f"found {str(entries)[:100]}"
+            )
+        length = metadata.get("max_length")
+        if not _is_int(length):
+            raise ArtifactError(
+                f"{path}: {METADATA}: max_length: expected an integer, found {str(length)[:100]}"
+            )
     elif metadata and "label_mapping" in metadata:
         kind = "gata-finetune"
         labels = _labels_from_mapping(path, metadata["label_mapping"])
@@ -81,7 +86,12 @@ def read_source(path: Path, scratch: Path, max_length: int | None) -> Source:
         kind = "checkpoint"
         labels = _labels_from_config(path, config)
         length = OLD_JOB_MAX_LENGTH
-    outputs = len(config.get("id2label") or {})
+    id2label = config.get("id2label") or {}
+    if not isinstance(id2label, dict | list):
+        raise ArtifactError(
+            f"{path}: config.json: id2label: expected an object, found {str(id2label)[:100]}"
+        )
+    outputs = len(id2label)
     if outputs and outputs != len(labels):
         raise ArtifactError(
             f"{path}: the model has {outputs} outputs but {len(labels)} labels are recorded"
@@ -91,17 +101,17 @@ def read_source(path: Path, scratch: Path, max_length: int | None) -> Source:
 
 def _json_object(file: Path, path: Path) -> dict:
     """A JSON object from a file of the input; ArtifactError naming the file otherwise."""
-    try:
-        value = json.loads(file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, huge integers
-        raise ArtifactError(f"{path}: {file.name}: expected JSON, found invalid JSON: {e}") from e
-    except RecursionError:
-        raise ArtifactError(f"{path}: {file.name}: expected JSON, found nesting too deep") from None
+    with file.open("rb") as stream:
+        value = load_json(stream, f"{path}: {file.name}")
     if not isinstance(value, dict):
         raise ArtifactError(
             f"{path}: {file.name}: expected a JSON object, found {type(value).__name__}"
         )
     return value
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _labels_from_mapping(path: Path, mapping: dict) -> tuple[int, ...]:

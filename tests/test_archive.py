@@ -46,6 +46,9 @@ def _member(name, kind=tarfile.REGTYPE, linkname=""):
         (_member("../evil.sh"), "refusing to extract '../evil.sh': it points outside"),
         (_member("a/../../evil.sh"), "refusing to extract 'a/../../evil.sh': it points outside"),
         (_member("/etc/cron.d/evil"), "refusing to extract '/etc/cron.d/evil': it points outside"),
+        (_member("./../evil.sh"), "refusing to extract './../evil.sh': it points outside"),
+        (_member("./"), "refusing to extract './': a file with no name"),
+        (_member("././."), "refusing to extract '././.': a file with no name"),
         (
             _member("model.safetensors", tarfile.SYMTYPE, "/etc/passwd"),
             "refusing to extract 'model.safetensors': it is a link",
@@ -81,6 +84,13 @@ def test_safe_extract_reports_a_truncated_archive(tmp_path, content):
     truncated.write_bytes(target.read_bytes()[:200])
     with pytest.raises(ArtifactError, match=r"the archive is truncated or corrupt"):
         archive.safe_extract(truncated, tmp_path / "out")
+
+
+def test_dot_slash_names_are_the_same_files(tmp_path):
+    crafted = _crafted(tmp_path, _member(".//onnx/./model.onnx"), b"graph")
+    names = archive.safe_extract(crafted, tmp_path / "out", only={"onnx/model.onnx"})
+    assert names == ["onnx/model.onnx"]
+    assert (tmp_path / "out" / "onnx" / "model.onnx").read_bytes() == b"graph"
 
 
 def test_safe_extract_extracts_a_good_archive(tmp_path, content):

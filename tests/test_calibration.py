@@ -177,3 +177,28 @@ def test_a_worse_test_nll_after_scaling_is_warned_about():
         "calibration split does not look like the test tickets (another label mix, or tickets "
         "no queue owns), so probabilities can be over- or under-confident on such traffic"
     )
+
+
+def test_no_misrouted_rows_means_out_of_scope_tickets_are_assumed_to_pass():
+    rng = np.random.default_rng(3)
+    probabilities, labels, distances = traffic(rng, n_out=0)
+    right = probabilities.copy()
+    right[np.arange(len(labels)), labels] = right.max(-1)  # every row right: no stand-in
+    right[np.arange(len(labels)), 1 - labels] = 1 - right.max(-1)
+    kwargs = {"distances": distances, "fallback_class": 2, "min_rejection": 0.01}
+    assert cal.choose_thresholds(right, labels, 0.9, **kwargs).threshold is not None
+    assumed = cal.choose_thresholds(right, labels, 0.9, **kwargs, out_of_scope_share=0.3)
+    # p = 1: at most 70% of what is routed can be right, below 0.9
+    assert assumed.threshold is None
+
+
+def test_rows_predicted_as_the_fallback_queue_count_as_misrouted():
+    rng = np.random.default_rng(4)
+    probabilities, labels, distances = traffic(rng, n_out=0)
+    to_fallback = np.flatnonzero(labels == 0)[:20]
+    probabilities[to_fallback] = [0.05, 0.05, 0.9]  # in scope, predicted as the fallback queue
+    wrong = probabilities.argmax(-1) != labels
+    choice = cal.choose_thresholds(probabilities, labels, 0.9, distances=distances,
+                                   fallback_class=2, out_of_scope_share=0.2)  # fmt: skip
+    assert choice.misrouted_rows == int(wrong.sum())
+    assert choice.misrouted_rows >= 20

@@ -9,6 +9,7 @@ import errno
 import json
 import os
 import signal
+import sys
 import tempfile
 from pathlib import Path
 
@@ -276,13 +277,18 @@ def test_sigterm_at_any_stage_ends_cleanly_and_the_rerun_completes(
 def test_a_partial_tarball_of_a_killed_run_is_removed(sm_env, tiny_hyperparameters, no_model):
     import subprocess
 
-    gone = subprocess.Popen(["true"])
-    gone.wait()
-    stale = sm_env["SM_MODEL_DIR"] / f".model.tar.gz.partial-{gone.pid}"
-    stale.write_bytes(b"x" * 1000)  # as SIGKILL would leave it
-    running = subprocess.Popen(["sleep", "60"])  # another export writing beside us
-    live = sm_env["SM_MODEL_DIR"] / f".model.tar.gz.partial-{running.pid}"
+    # as SIGKILL would leave it; its PID runs (PID 1 always does), but nobody holds its lock
+    stale = sm_env["SM_MODEL_DIR"] / ".model.tar.gz.partial-1"
+    stale.write_bytes(b"x" * 1000)
+    # another export writing beside us holds its partial's lock
+    live = sm_env["SM_MODEL_DIR"] / ".model.tar.gz.partial-4242"
     live.write_bytes(b"y" * 1000)
+    hold = "import fcntl, sys, time; f = open(sys.argv[1], 'ab'); fcntl.flock(f, fcntl.LOCK_EX); "
+    running = subprocess.Popen(
+        [sys.executable, "-c", hold + "print('locked', flush=True); time.sleep(60)", str(live)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert running.stdout.readline() == "locked\n"
     write_hyperparameters(sm_env, {**tiny_hyperparameters, "fallback_label": "12"})
     try:
         result = CliRunner().invoke(cli, ["train"])

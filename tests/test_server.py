@@ -356,12 +356,15 @@ def test_two_workers_serve_as_separate_processes(trained_artifact):
 @pytest.mark.parametrize(
     ("name", "value", "expected"),
     [
-        ("SAGEMAKER_MAX_PAYLOAD_IN_MB", "nan", "expected a positive number, found 'nan'"),
-        ("SAGEMAKER_MAX_PAYLOAD_IN_MB", "inf", "expected a positive number, found 'inf'"),
-        ("SAGEMAKER_MODEL_SERVER_TIMEOUT", "-5", "expected a positive number, found '-5'"),
-        ("SAGEMAKER_MODEL_SERVER_WORKERS", "2.5", "expected a positive number, found '2.5'"),
-        ("SAGEMAKER_BIND_TO_PORT", "http", "expected a port (1-65535), found 'http'"),
-        ("SAGEMAKER_BIND_TO_PORT", "70000", "expected a port (1-65535), found '70000'"),
+        ("SAGEMAKER_MAX_PAYLOAD_IN_MB", "nan", "positive number up to 1,000,000, found 'nan'"),
+        ("SAGEMAKER_MAX_PAYLOAD_IN_MB", "inf", "positive number up to 1,000,000, found 'inf'"),
+        ("SAGEMAKER_MAX_PAYLOAD_IN_MB", "1e308", "positive number up to 1,000,000, found '1e308'"),
+        ("SAGEMAKER_MAX_PAYLOAD_IN_MB", "1e-9", "positive number up to 1,000,000, found '1e-9'"),
+        ("SAGEMAKER_MODEL_SERVER_TIMEOUT", "-5", "positive number up to 1,000,000, found '-5'"),
+        ("SAGEMAKER_MODEL_SERVER_WORKERS", "2.5", "positive whole number up to 64, found '2.5'"),
+        ("SAGEMAKER_BIND_TO_PORT", "\u00b2", "port (1-65535), found '\u00b2'"),
+        ("SAGEMAKER_BIND_TO_PORT", "http", "port (1-65535), found 'http'"),
+        ("SAGEMAKER_BIND_TO_PORT", "70000", "port (1-65535), found '70000'"),
     ],
 )
 def test_bad_sagemaker_variables_are_one_error_line(trained_artifact, name, value, expected):
@@ -371,7 +374,7 @@ def test_bad_sagemaker_variables_are_one_error_line(trained_artifact, name, valu
 
     result = CliRunner().invoke(cli, ["serve", str(trained_artifact["tarball"])], env={name: value})
     assert result.exit_code == 1, result.output
-    assert result.stderr.splitlines() == [f"Error: {name}: {expected}"]
+    assert result.stderr.splitlines() == [f"Error: {name}: expected a {expected}"]
 
 
 def test_workers_get_the_thread_count_and_skip_a_second_file_check(monkeypatch, tmp_path):
@@ -382,7 +385,7 @@ def test_workers_get_the_thread_count_and_skip_a_second_file_check(monkeypatch, 
     seen = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
     for name in ("GATA_SERVE_MODEL", "GATA_SERVE_GRAPH", "GATA_SERVE_THREADS"):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # restored (removed) after the test, whatever it writes
     settings = server.Settings(workers=2)
     server.serve_workers(str(tmp_path), "int8", "127.0.0.1", 8080, settings, threads=3)
     assert seen["workers"] == 2
@@ -398,3 +401,35 @@ def test_workers_get_the_thread_count_and_skip_a_second_file_check(monkeypatch, 
     assert loaded == {"path": str(tmp_path), "graph": "int8",
                       "threads": int(os.environ["GATA_SERVE_THREADS"]),
                       "verify_files": False}  # fmt: skip
+
+
+def test_with_workers_the_parent_frees_its_session_and_passes_threads(trained_artifact,
+                                                                       monkeypatch):  # fmt: skip
+    from click.testing import CliRunner
+
+    from gata_ft import server
+    from gata_ft.cli import cli
+
+    seen, released = {}, []
+
+    def fake_workers(model_path, graph, host, port, settings, threads=0):
+        seen.update(path=model_path, threads=threads, workers=settings.workers)
+
+    real = server.Model.release_session
+
+    def release(model):
+        released.append(model)
+        real(model)
+
+    monkeypatch.setattr(server, "serve_workers", fake_workers)
+    monkeypatch.setattr(server.Model, "release_session", release)
+    result = CliRunner().invoke(
+        cli, ["serve", str(trained_artifact["tarball"]), "--threads", "1", "--port",
+              str(_free_port())],
+        env={"SAGEMAKER_MODEL_SERVER_WORKERS": "2"},
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert seen["workers"] == 2
+    assert seen["threads"] == 1  # --threads reaches the workers
+    assert len(released) == 1
+    assert released[0].classifier is None  # the parent's session is gone before they start
