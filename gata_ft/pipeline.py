@@ -80,7 +80,23 @@ def run_worker(spec_path: Path, emit: Emit) -> None:
     config, user_set, paths, resume = read_spec(spec_path)
     go_offline(config.allow_download)
     plan = preflight.training_job(config, paths, world_size())
-    _train_and_ship(config, user_set, paths, plan, resume, emit)
+    try:
+        _train_and_ship(config, user_set, paths, plan, resume, emit)
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Shut this rank's process group down before the interpreter exits.
+
+    Left to the interpreter's exit, gloo's threads can abort the process
+    ("terminate called without an active exception", SIGABRT): seen once in CI
+    on a rank that had finished training, which failed the whole job.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _train_and_ship(config, user_set, paths, plan, resume, emit, callbacks=()) -> Path | None:
