@@ -13,6 +13,7 @@ import io
 import json
 import platform
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from functools import cache
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -134,6 +135,8 @@ class ArtifactInfo:
     distance_threshold: float | None = None  # in scope at most this far from a queue
     vnni_graph: str | None = None  # the graph to serve on CPUs with VNNI, when shipped
     fallback_label: int | None = None  # where tickets that are not routed go
+    # graph -> (graph that scores again, probability below which it does): serve.escalate
+    escalations: dict[str, tuple[str, float]] = dataclass_field(default_factory=dict)
 
     @classmethod
     def of(cls, metadata: object, where: Path | str) -> ArtifactInfo:
@@ -172,6 +175,24 @@ class ArtifactInfo:
                     f"{where}: {METADATA}: serve.vnni.graph: expected {VNNI_GRAPH}, found "
                     f"{vnni_graph!r}"
                 )
+        escalations = {}
+        for prefix, block, source in (("serve", metadata.get("serve"), graph),
+                                      ("serve.vnni", vnni, vnni_graph)):  # fmt: skip
+            if isinstance(block, dict) and block.get("escalate") is not None:
+                again = field(f"{prefix}.escalate.graph", str, FP32_GRAPH)
+                if again != FP32_GRAPH:
+                    raise ArtifactError(
+                        f"{where}: {METADATA}: {prefix}.escalate.graph: expected {FP32_GRAPH}, "
+                        f"found {again!r}"
+                    )
+                below = field(f"{prefix}.escalate.below", float, "a probability", minimum=0)
+                if below > 1:
+                    raise ArtifactError(
+                        f"{where}: {METADATA}: {prefix}.escalate.below: expected a probability, "
+                        f"found {below!r}"
+                    )
+                if source != FP32_GRAPH:
+                    escalations[source] = (again, below)
         calibration = metadata.get("calibration") or {}
         threshold = distance = fallback = None
         if calibration.get("threshold") is not None:
@@ -191,6 +212,7 @@ class ArtifactInfo:
             distance_threshold=distance,
             fallback_label=fallback,
             vnni_graph=vnni_graph,
+            escalations=escalations,
         )
 
     @classmethod

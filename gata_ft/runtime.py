@@ -78,6 +78,7 @@ class Model:
         threads: int = 0,
         normalize=True,
         verify_files: bool = True,
+        escalate: bool = True,
     ):
         self.folder = Path(folder)
         info = ArtifactInfo.read(self.folder)
@@ -102,7 +103,13 @@ class Model:
         self.distance_threshold = info.distance_threshold
         self.scope = None
         self.normalize = normalize
+        # int8 answers the model is unsure of are scored again in fp32 (serve.escalate)
+        self.escalation = info.escalations.get(self.graph) if escalate else None
+        if os.environ.get("GATA_ESCALATE", "").strip().lower() in ("0", "false", "no"):
+            self.escalation = None
         needed = [self.graph, TOKENIZER] + ([SCOPE] if info.distance_threshold is not None else [])
+        if self.escalation is not None:
+            needed.append(self.escalation[0])
         missing = [name for name in needed if not (self.folder / name).is_file()]
         if missing:
             raise ArtifactError(
@@ -119,6 +126,11 @@ class Model:
         self.classifier = OnnxClassifier(
             self.folder / self.graph, self.folder / TOKENIZER, self.max_length, threads
         )
+        self.second = None
+        if self.escalation is not None:
+            self.second = OnnxClassifier(
+                self.folder / self.escalation[0], self.folder / TOKENIZER, self.max_length, threads
+            )
 
     @classmethod
     def load(
@@ -129,12 +141,16 @@ class Model:
         verify_golden=False,
         normalize=True,
         verify_files=True,
+        escalate=True,
     ):
         """Load a model.tar.gz (extracting only what inference needs) or an extracted folder.
 
         A folder holding no metadata.json but a model.tar.gz (a model folder tarred
         again) loads that tarball. Every file read is checked against its sha256 in
-        metadata.json unless `verify_files` is false.
+        metadata.json unless `verify_files` is false. When the served int8 graph names
+        an escalation (serve.escalate), tickets it is unsure of are scored again by
+        the fp32 graph, as the parity gate measured; `escalate=False` (or
+        GATA_ESCALATE=0) serves the int8 graph alone.
         """
         path = Path(path)
         nested = path / "model.tar.gz"
@@ -145,13 +161,13 @@ class Model:
             scratch = tempfile.TemporaryDirectory(prefix="gata-ft-model-")
             try:
                 safe_extract(path, Path(scratch.name), only=set(RUNTIME_FILES))
-                model = cls(Path(scratch.name), graph, threads, normalize, verify_files)
+                model = cls(Path(scratch.name), graph, threads, normalize, verify_files, escalate)
             except BaseException:
                 scratch.cleanup()
                 raise
             model._scratch = scratch  # removed with the model, or by close()
         elif path.is_dir():
-            model = cls(path, graph, threads, normalize, verify_files)
+            model = cls(path, graph, threads, normalize, verify_files, escalate)
         else:
             raise ArtifactError(f"{path}: no such model (a model.tar.gz or its extracted folder)")
         if verify_golden:
@@ -159,8 +175,8 @@ class Model:
         return model
 
     def release_session(self) -> None:
-        """Free the onnxruntime session (its memory); the folder stays for other processes."""
-        self.classifier = None
+        """Free the onnxruntime sessions (their memory); the folder stays for other processes."""
+        self.classifier = self.second = None
 
     def close(self) -> None:
         """Remove the folder a tarball was extracted to (nothing for a folder given)."""
@@ -226,6 +242,15 @@ class Model:
         if not prepared:
             return np.zeros((0, len(self.labels)), np.float32), []
         logits, features = self.classifier.scores(prepared, batch_size)
+        if self.second is not None:
+            unsure = np.flatnonzero(softmax(logits).max(-1) < self.escalation[1])
+            if unsure.size:
+                again, again_features = self.second.scores(
+                    [prepared[i] for i in unsure], batch_size
+                )
+                logits[unsure] = again
+                if features is not None and again_features is not None:
+                    features[unsure] = again_features
         distances = [None] * len(prepared)
         if self.scope is not None and features is not None:
             distances = (self.scope.distance(features) / self.distance_threshold).tolist()

@@ -174,12 +174,33 @@ def test_not_a_tarball(tmp_path):
         (lambda m: {**m, "labels": []}, "metadata.json: labels: expected 1 or more, found none"),
         (lambda m: {**m, "calibration": {"fitted": True, "threshold": "high"}},
          'metadata.json: calibration.threshold: expected a probability, found "high"'),
+        (lambda m: {**m, "serve": {**m["serve"], "escalate": {"graph": "x.onnx", "below": 0.5}}},
+         "metadata.json: serve.escalate.graph: expected onnx/model.onnx, found 'x.onnx'"),
+        (lambda m: {**m, "serve": {**m["serve"],
+                                   "escalate": {"graph": "onnx/model.onnx", "below": 2}}},
+         "metadata.json: serve.escalate.below: expected a probability, found 2"),
+        (lambda m: {**m, "serve": {**m["serve"], "escalate": {"graph": "onnx/model.onnx"}}},
+         "metadata.json: serve.escalate.below: expected a probability, found no such field"),
     ],
 )  # fmt: skip
 def test_malformed_metadata_names_the_field(change, message):
     with pytest.raises(ArtifactError) as info:
         artifact.ArtifactInfo.of(change(minimal_metadata()), "model")
     assert str(info.value).startswith("model: " + message)
+
+
+def test_escalations_are_read_per_int8_graph():
+    escalate = {"graph": "onnx/model.onnx", "below": 0.5}
+    metadata = minimal_metadata()
+    metadata["serve"] = {**metadata["serve"], "escalate": escalate,
+                         "vnni": {"graph": "onnx/model_quantized_vnni.onnx",
+                                  "escalate": {**escalate, "below": 0.4}}}  # fmt: skip
+    info = artifact.ArtifactInfo.of(metadata, "model")
+    assert info.escalations == {
+        "onnx/model_quantized.onnx": ("onnx/model.onnx", 0.5),
+        "onnx/model_quantized_vnni.onnx": ("onnx/model.onnx", 0.4),
+    }
+    assert artifact.ArtifactInfo.of(minimal_metadata(), "model").escalations == {}
 
 
 def test_metadata_is_read_into_the_fields_readers_use():

@@ -18,6 +18,7 @@ def test_recipes_load_as_data():
         assert recipe.parity == Thresholds(1.0, 1.0, 0.05, 0.97)
     assert names == {"avx2": "avx512", "avx512_vnni": "avx512_vnni", "arm64": "arm64"}
     avx2 = Recipe.load("avx2")
+    assert avx2.escalate_below == 0.5  # unsure int8 answers are scored again in fp32
     assert avx2.variants[0].reduce_range is True  # no saturation on CPUs without VNNI
     assert avx2.variants[2].exclude_most_sensitive == 6
     assert avx2.variants[3].preset == "avx2"
@@ -33,4 +34,7 @@ def test_unknown_recipe_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({**Recipe.load("avx2").source, "quantization": {"per_chanel": True}}))
     with pytest.raises(ConfigError, match=r"unknown quantization settings \['per_chanel'\]"):
+        Recipe.load(bad)
+    bad.write_text(json.dumps({**Recipe.load("avx2").source, "escalate_below": 1.5}))
+    with pytest.raises(ConfigError, match="escalate_below: expected a probability from 0 to 1"):
         Recipe.load(bad)

@@ -87,7 +87,7 @@ def test_a_custom_recipe_is_checked_as_data(sm_env, tiny_hyperparameters, no_mod
         result,
         f"export_recipe: recipe {recipe}: unknown fields ['hello'] (expected only name, "
         "description, preset, opset, optimization_level, fuse_attention, quantization, "
-        "fallbacks, parity, companion)",
+        "fallbacks, parity, companion, escalate_below)",
     )
 
 

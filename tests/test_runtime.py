@@ -27,10 +27,19 @@ def model(trained_artifact):
 
 def test_predictions_equal_the_export_stage_onnx_predictions(trained_artifact, model):
     folder = trained_artifact["dir"]
-    graph = folder / model.graph
-    expected = softmax(
-        np.concatenate([onnx_logits(graph, folder / "tokenizer.json", [t], 64) for t in FIXED])
-    )
+
+    def graph_scores(graph):
+        tokenizer = folder / "tokenizer.json"
+        return softmax(np.concatenate([onnx_logits(graph, tokenizer, [t], 64) for t in FIXED]))
+
+    int8, fp32 = graph_scores(folder / model.graph), graph_scores(folder / "onnx/model.onnx")
+    # what the gate measured: the int8 graph, and fp32 for the tickets it is unsure of
+    graph, below = model.escalation
+    assert graph == "onnx/model.onnx"
+    unsure = int8.max(-1) < below
+    assert unsure.any()
+    assert not unsure.all()  # the tiny model is sure of some tickets and not of others
+    expected = np.where(unsure[:, None], fp32, int8)
     got = [model.predict([text])[0] for text in FIXED]
     labels = [e["label"] for e in model.metadata["labels"]]
     assert [p.label for p in got] == [labels[i] for i in expected.argmax(-1)]
@@ -38,6 +47,28 @@ def test_predictions_equal_the_export_stage_onnx_predictions(trained_artifact, m
     # the graph metadata.json names, or its VNNI companion on a CPU with VNNI
     serve = model.metadata["serve"]
     assert model.graph == (serve["vnni"]["graph"] if has_vnni() else serve["graph"])
+
+
+def test_escalation_can_be_turned_off_and_is_recorded_by_the_gate(trained_artifact,
+                                                                    monkeypatch):  # fmt: skip
+    folder = trained_artifact["dir"]
+    on, off = Model.load(folder), Model.load(folder, escalate=False)
+    assert on.escalation == ("onnx/model.onnx", 0.5)
+    assert off.escalation is None
+    assert off.second is None
+    monkeypatch.setenv("GATA_ESCALATE", "0")
+    assert Model.load(folder).escalation is None
+    alone, served = off.predict(FIXED), on.predict(FIXED)
+    for a, b in zip(alone, served, strict=True):
+        if a.probability >= 0.5:  # sure: the int8 answer stands
+            assert a == b
+    assert alone != served  # the unsure ones were scored again
+    serve = on.metadata["serve"]
+    assert serve["escalate"] == {"graph": "onnx/model.onnx", "below": 0.5}
+    attempt = on.metadata["parity"]["attempts"][-1]
+    assert 0 < attempt["escalated"] < 1
+    assert attempt["int8_agreement"] <= 1
+    assert "fp32 below 0.5 (" in trained_artifact["log"]
 
 
 def test_the_vnni_graph_is_chosen_by_the_cpu_and_can_be_overridden(trained_artifact, monkeypatch):

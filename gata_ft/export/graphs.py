@@ -18,7 +18,14 @@ from gata_ft.export.onnx import (
     optimize,
     quantize,
 )
-from gata_ft.export.parity import EvalSet, GateInputs, excluded_nodes, gate, variant_record
+from gata_ft.export.parity import (
+    EvalSet,
+    GateInputs,
+    escalation_block,
+    excluded_nodes,
+    gate,
+    variant_record,
+)
 from gata_ft.export.recipe import Recipe
 
 
@@ -92,7 +99,8 @@ def _int8(content, fp32, work, recipe, target, evaluation, strict, max_length, e
         excluded = excluded_nodes(variant, source, work / "probe", sample=None)
         shutil.copy2(quantize(source, variant, excluded, work / "int8"), content / target)
         parity = {"checked": False, "reason": "no test data was given (gata-ft export --test DIR)"}
-        serve = {"graph": target, "precision": "int8", "reason": "parity not checked"}
+        serve = {"graph": target, "precision": "int8", "reason": "parity not checked",
+                 **escalation_block(recipe)}  # fmt: skip
         return parity, serve, variant_record(variant, excluded)
     inputs = GateInputs(content, source, max_length, recipe, evaluation, work, target)
     return gate(inputs, strict, emit)

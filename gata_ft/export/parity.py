@@ -83,6 +83,8 @@ class Attempt:
     agreement: float
     failures: list[str]
     route_agreement: float | None = None  # same routing decision and queue as PyTorch fp32
+    escalated: float | None = None  # share of tickets scored again by the fp32 graph
+    int8_agreement: float | None = None  # the int8 graph alone, before escalation
 
     @property
     def passed(self) -> bool:
@@ -104,6 +106,18 @@ class GateInputs:
     @property
     def tokenizer_file(self) -> Path:
         return self.content / TOKENIZER
+
+
+def escalate(logits: np.ndarray, below: float) -> np.ndarray:
+    """(n,) booleans: the tickets whose top probability is below `below`, to score again."""
+    return softmax(np.asarray(logits, dtype=np.float64)).max(-1) < below
+
+
+def escalation_block(recipe: Recipe) -> dict:
+    """The serve block's `escalate` entry for an int8 graph of `recipe` (empty: none)."""
+    if recipe.escalate_below is None:
+        return {}
+    return {"escalate": {"graph": FP32_GRAPH, "below": recipe.escalate_below}}
 
 
 def route_actions(logits, features, routing) -> np.ndarray | None:
@@ -150,9 +164,10 @@ def gate(inputs: GateInputs, strict: bool, emit: Callable[[str], None]):
     reference_pred = reference_logits.argmax(-1)
     reference = Scores.of(reference_pred, truth, n)
     reference_actions = route_actions(reference_logits, reference_features, evaluation.routing)
-    fp32_pred = onnx_scores(
+    fp32_logits, fp32_features = onnx_scores(
         inputs.content / FP32_GRAPH, inputs.tokenizer_file, evaluation.texts, inputs.max_length
-    )[0].argmax(-1)
+    )  # fp32 scores do not depend on the batch (no dynamic quantization)
+    fp32_pred = fp32_logits.argmax(-1)
     fp32 = Scores.of(fp32_pred, truth, n)
     fp32_agreement = float((fp32_pred == reference_pred).mean())
     if fp32_agreement < 0.999:
@@ -175,6 +190,14 @@ def gate(inputs: GateInputs, strict: bool, emit: Callable[[str], None]):
         logits, features = onnx_scores(
             graphs[-1], inputs.tokenizer_file, evaluation.texts, inputs.max_length, 1
         )
+        escalated = int8_agreement = None
+        if recipe.escalate_below is not None:  # gate what the runtime serves: int8, then fp32
+            int8_agreement = float((logits.argmax(-1) == reference_pred).mean())
+            unsure = escalate(logits, recipe.escalate_below)
+            escalated = float(unsure.mean())
+            logits = np.where(unsure[:, None], fp32_logits, logits)
+            if features is not None and fp32_features is not None:
+                features = np.where(unsure[:, None], fp32_features, features)
         pred = logits.argmax(-1)
         result = compare(reference_pred, pred, truth, n, alpha)
         failures = gate_failures(result, recipe.parity, evaluation.labels)
@@ -195,10 +218,17 @@ def gate(inputs: GateInputs, strict: bool, emit: Callable[[str], None]):
             result.agreement,
             failures,
             route_agreement,
+            escalated,
+            int8_agreement,
         )
         attempts.append(attempt)
         verdict = "passes" if attempt.passed else "fails: " + "; ".join(failures)
         name = f"ONNX int8 {recipe.name} ({variant.label})"
+        if escalated is not None:
+            name += (
+                f", fp32 below {recipe.escalate_below:g} ({100 * escalated:.1f}% of tickets; "
+                f"int8 alone agrees on {100 * int8_agreement:.2f}%)"
+            )
         rows.append((name, result, route_agreement, verdict))
         if attempt.passed:
             break
@@ -216,6 +246,7 @@ def gate(inputs: GateInputs, strict: bool, emit: Callable[[str], None]):
             "graph": inputs.target,
             "precision": "int8",
             "reason": f"int8 ({chosen['variant']}) passed the parity gate of recipe {recipe.name}",
+            **escalation_block(recipe),
         }
     else:
         why = "; ".join(f"{a.variant}: {', '.join(a.failures)}" for a in attempts)

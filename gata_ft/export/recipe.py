@@ -47,6 +47,7 @@ _TOP = {
     "fallbacks": (list, "a list of objects, each with a label", False),
     "parity": (dict, "an object of parity thresholds", False),
     "companion": (str, "the name of a recipe for CPUs with VNNI, shipped beside", False),
+    "escalate_below": (float, "a probability from 0 to 1", False),
 }
 _QUANTIZATION = {
     "preset": (str, f"one of {', '.join(PRESETS)}", False),
@@ -67,6 +68,7 @@ _RANGES = {
     "exclude_most_sensitive": (0, 10_000),
     "alpha": (0.001, 0.2),
     "min_route_agreement": (0, 1),
+    "escalate_below": (0, 1),
 }
 
 
@@ -116,6 +118,8 @@ class Recipe:
     parity: Thresholds
     source: dict = field(repr=False, compare=False)
     companion: str | None = None  # a second recipe, gated on its own, for VNNI CPUs
+    # tickets whose int8 top probability is below this are scored again by the fp32 graph
+    escalate_below: float | None = None
 
     @classmethod
     def load(cls, name_or_path: str | Path) -> Recipe:
@@ -159,6 +163,7 @@ class Recipe:
             parity=Thresholds(**parity),
             source=data,
             companion=data.get("companion"),
+            escalate_below=data.get("escalate_below"),
         )
 
 
