@@ -68,7 +68,7 @@ def test_escalation_can_be_turned_off_and_is_recorded_by_the_gate(trained_artifa
     attempt = on.metadata["parity"]["attempts"][-1]
     assert 0 < attempt["escalated"] < 1
     assert attempt["int8_agreement"] <= 1
-    assert "fp32 below 0.5 (" in trained_artifact["log"]
+    assert "are scored again by the fp32 graph (" in trained_artifact["log"]
 
 
 def test_the_vnni_graph_is_chosen_by_the_cpu_and_can_be_overridden(trained_artifact, monkeypatch):

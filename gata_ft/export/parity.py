@@ -181,6 +181,7 @@ def gate(inputs: GateInputs, strict: bool, emit: Callable[[str], None]):
 
     attempts: list[Attempt] = []
     graphs: list[Path] = []
+    notes: list[str] = []
     sample = OnnxClassifier(inputs.source, inputs.tokenizer_file, inputs.max_length).encode(
         golden_texts(evaluation.texts)
     )
@@ -225,14 +226,19 @@ def gate(inputs: GateInputs, strict: bool, emit: Callable[[str], None]):
         verdict = "passes" if attempt.passed else "fails: " + "; ".join(failures)
         name = f"ONNX int8 {recipe.name} ({variant.label})"
         if escalated is not None:
-            name += (
-                f", fp32 below {recipe.escalate_below:g} ({100 * escalated:.1f}% of tickets; "
-                f"int8 alone agrees on {100 * int8_agreement:.2f}%)"
+            name += " + fp32"
+            notes.append(
+                f"{name}: tickets whose int8 top probability is below "
+                f"{recipe.escalate_below:g} are scored again by the fp32 graph "
+                f"({100 * escalated:.1f}% of them; int8 alone agrees with PyTorch on "
+                f"{100 * int8_agreement:.2f}%)"
             )
         rows.append((name, result, route_agreement, verdict))
         if attempt.passed:
             break
     emit(_parity_table(rows, reference, recipe.parity, evaluation))
+    for note in notes:
+        emit(note)
 
     # The last attempt is the one that passed; when none did, ship the most
     # accurate int8 graph for inspection, and serve fp32.
