@@ -191,7 +191,7 @@ class ArtifactInfo:
                         f"{where}: {METADATA}: {prefix}.escalate.below: expected a probability, "
                         f"found {below!r}"
                     )
-                if source != FP32_GRAPH:
+                if source != FP32_GRAPH and below > 0:  # 0: nothing is ever below it
                     escalations[source] = (again, below)
         calibration = metadata.get("calibration") or {}
         threshold = distance = fallback = None

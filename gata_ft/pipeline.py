@@ -96,7 +96,10 @@ def _leave_process_group() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.destroy_process_group()
+        except Exception as e:  # never hide what the job itself raised
+            log.warning("could not shut the process group down: %s", e)
 
 
 def _train_and_ship(config, user_set, paths, plan, resume, emit, callbacks=()) -> Path | None:

@@ -58,6 +58,9 @@ def test_escalation_can_be_turned_off_and_is_recorded_by_the_gate(trained_artifa
     assert off.second is None
     monkeypatch.setenv("GATA_ESCALATE", "0")
     assert Model.load(folder).escalation is None
+    assert Model.load(folder, escalate=True).escalation is not None  # explicit wins
+    assert Model.load(folder, graph="fp32").second is None  # fp32 served: nothing to escalate
+    monkeypatch.delenv("GATA_ESCALATE")
     alone, served = off.predict(FIXED), on.predict(FIXED)
     for a, b in zip(alone, served, strict=True):
         if a.probability >= 0.5:  # sure: the int8 answer stands
@@ -69,6 +72,18 @@ def test_escalation_can_be_turned_off_and_is_recorded_by_the_gate(trained_artifa
     assert 0 < attempt["escalated"] < 1
     assert attempt["int8_agreement"] <= 1
     assert "are scored again by the fp32 graph (" in trained_artifact["log"]
+
+
+def test_a_changed_fp32_graph_is_refused_when_escalation_needs_it(tmp_path, trained_artifact):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(trained_artifact["dir"], folder)
+    graph = folder / "onnx" / "model.onnx"
+    graph.write_bytes(graph.read_bytes() + b"\0")
+    with pytest.raises(ArtifactError, match=r"onnx/model\.onnx: does not match its sha256"):
+        Model.load(folder)
+    assert Model.load(folder, escalate=False).second is None  # int8 alone never reads it
 
 
 def test_the_vnni_graph_is_chosen_by_the_cpu_and_can_be_overridden(trained_artifact, monkeypatch):
