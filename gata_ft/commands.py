@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
@@ -38,6 +39,18 @@ def inspect(model: Path) -> None:
 
 
 _GRAPH = click.Choice(["serve", "int8", "int8-vnni", "fp32"])
+_NO_ESCALATE = click.option(
+    "--no-escalate",
+    is_flag=True,
+    default=None,
+    help="Serve the int8 graph alone: no fp32 run for the tickets it is unsure of. "
+    "[env GATA_ESCALATE=0]",
+)
+
+
+def _escalate(no_escalate: bool | None) -> bool | None:
+    """--no-escalate: False; absent: None (GATA_ESCALATE decides, default on)."""
+    return False if no_escalate else None
 
 
 @click.command()
@@ -46,9 +59,10 @@ _GRAPH = click.Choice(["serve", "int8", "int8-vnni", "fp32"])
               help="Labelled tickets (a channel folder with data.json).")  # fmt: skip
 @click.option("--graph", type=_GRAPH, default="serve", show_default=True,
               help="serve: the graph the runtime serves.")  # fmt: skip
+@_NO_ESCALATE
 @click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON.")
 @click.option("--normalize-text", is_flag=True, help="Repair texts instead of rejecting them.")
-def evaluate(model, test_dir, graph, as_json, normalize_text) -> None:
+def evaluate(model, test_dir, graph, no_escalate, as_json, normalize_text) -> None:
     """Score MODEL (model.tar.gz or its folder) on labelled tickets, without PyTorch.
 
     Accuracy, F1, per-queue figures, the confusion matrix, calibration, and routing at
@@ -61,7 +75,7 @@ def evaluate(model, test_dir, graph, as_json, normalize_text) -> None:
         from gata_ft.runtime import Model
 
         split = read_split(test_dir, "test", normalize=normalize_text)
-        loaded = Model.load(model, graph=graph)
+        loaded = Model.load(model, graph=graph, escalate=_escalate(no_escalate))
         try:
             result = evaluation.evaluate(loaded, split)
         finally:
@@ -93,7 +107,10 @@ def _report_of(result: dict):
 @click.option("--threads", default=0, show_default=True, help="onnxruntime threads (0: all cores).")
 @click.option("--batch-size", default=32, show_default=True, help="Texts per onnxruntime call.")
 @click.option("--verify-golden", is_flag=True, help="Replay golden.json first; fail on a mismatch.")
-def predict(model, texts, input_file, top_k, graph, threads, batch_size, verify_golden) -> None:
+@_NO_ESCALATE
+def predict(
+    model, texts, input_file, top_k, graph, threads, batch_size, verify_golden, no_escalate
+) -> None:
     """Classify tickets with MODEL (model.tar.gz or its folder): one JSON line per text."""
     with _failure_guard(None):
         from gata_ft.runtime import Model
@@ -103,7 +120,10 @@ def predict(model, texts, input_file, top_k, graph, threads, batch_size, verify_
             texts += _read_texts(input_file)
         if not texts:
             raise ConfigError("predict: expected tickets from --text or --input, found neither")
-        loaded = Model.load(model, graph=graph, threads=threads, verify_golden=verify_golden)
+        loaded = Model.load(
+            model, graph=graph, threads=threads, verify_golden=verify_golden,
+            escalate=_escalate(no_escalate),
+        )  # fmt: skip
         for text, prediction in zip(texts, loaded.predict(texts, top_k, batch_size), strict=True):
             click.echo(json.dumps({"text": text, **prediction.to_dict()}))
 
@@ -135,7 +155,8 @@ def _read_texts(path: Path) -> list[str]:
               help="serve: the graph metadata.json names.")  # fmt: skip
 @click.option("--threads", default=0, show_default=True, help="onnxruntime threads (0: all cores).")
 @click.option("--no-verify-files", is_flag=True, help="Skip the sha256 check of the model's files.")
-def serve(model, host, port, graph, threads, no_verify_files) -> None:
+@_NO_ESCALATE
+def serve(model, host, port, graph, threads, no_verify_files, no_escalate) -> None:
     """Serve MODEL over HTTP: GET /ping, POST /invocations (SageMaker's inference contract).
 
     MODEL defaults to $SM_MODEL_DIR (/opt/ml/model), where SageMaker extracts model.tar.gz.
@@ -154,14 +175,17 @@ def serve(model, host, port, graph, threads, no_verify_files) -> None:
         port = port or port_from_env()
         check_port(host, port)
         loaded = Model.load(
-            model or model_dir(), graph=graph, threads=threads, verify_files=not no_verify_files
-        )
+            model or model_dir(), graph=graph, threads=threads, verify_files=not no_verify_files,
+            escalate=_escalate(no_escalate),
+        )  # fmt: skip
         if (loaded.folder / "golden.json").is_file():
             checked = loaded.verify_golden()
             click.echo(f"golden samples reproduced: {checked}", err=True)
         try:
             if settings.workers > 1:
                 loaded.release_session()  # each worker loads its own; the folder stays
+                if no_escalate:
+                    os.environ["GATA_ESCALATE"] = "0"  # the workers read it
                 serve_workers(str(loaded.folder), graph, host, port, settings, threads)
             else:
                 run_server(loaded, host, port, settings)

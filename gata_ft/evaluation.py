@@ -41,7 +41,13 @@ def evaluate(model: Model, split: Split, batch_size: int = 1) -> dict:
     loss = metrics.nll(probabilities, truth)
     report = build_report(np.log(np.clip(probabilities, 1e-12, 1)), truth, label_map, loss)
     result = {
-        "model": {"graph": model.graph, "labels": len(model.labels)},
+        "model": {
+            "graph": model.graph,
+            "labels": len(model.labels),
+            "escalate": None
+            if model.escalation is None
+            else {"graph": model.escalation[0], "below": model.escalation[1]},
+        },
         "data": {"file": str(split.path), "sha256": split.sha256, "rows": len(split)},
         "tickets": len(rows),
         "unknown_labels": {str(label): n for label, n in sorted(unknown.items())},
@@ -85,7 +91,7 @@ def describe(result: dict) -> list[str]:
     """The lines `gata-ft evaluate` prints."""
     m = result["metrics"]
     lines = [
-        f"{result['tickets']} tickets through {result['model']['graph']}: accuracy "
+        f"{result['tickets']} tickets through {_served(result['model'])}: accuracy "
         f"{m['accuracy']:.4f}, macro F1 {m['f1_macro']:.4f}, weighted F1 {m['f1']:.4f}; "
         f"ECE {result['calibration']['ece']:.4f}, NLL {result['calibration']['nll']:.4f}"
     ]
@@ -114,3 +120,10 @@ def describe(result: dict) -> list[str]:
                 f"{100 * outside['routed']:.1f}% of them are routed"
             )
     return lines
+
+
+def _served(model: dict) -> str:
+    escalate = model.get("escalate")
+    if escalate is None:
+        return model["graph"]
+    return f"{model['graph']} ({escalate['graph']} below {escalate['below']:g})"

@@ -66,7 +66,12 @@ def test_the_evaluate_command_prints_the_report_or_json(trained_artifact):
     assert result.exit_code == 0, result.output
     assert "confusion matrix (rows: true label, columns: predicted label)" in result.stdout
     assert "40 tickets through onnx/model_quantized" in result.stdout
+    assert "(onnx/model.onnx below 0.5): accuracy" in result.stdout  # the escalation named
+    alone = CliRunner().invoke(cli, [*args, "--no-escalate"])
+    assert alone.exit_code == 0, alone.output
+    assert "below 0.5" not in alone.stdout
     as_json = CliRunner().invoke(cli, [*args, "--json"])
     report = json.loads(as_json.stdout)
+    assert report["model"]["escalate"] == {"graph": "onnx/model.onnx", "below": 0.5}
     assert set(report) >= {"metrics", "calibration", "routing", "unknown_labels", "tickets"}
     assert np.isclose(sum(r["support"] for r in report["metrics"]["per_class"].values()), 40)
