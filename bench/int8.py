@@ -116,7 +116,7 @@ def run_case(name: str, artifact: Path, test: Path, threads: int) -> list[dict]:
     from gata_ft.export.recipe import Recipe
     from gata_ft.export.reference import torch_logits
     from gata_ft.inference import OnnxClassifier
-    from gata_ft.metrics import softmax
+    from gata_ft.metrics import unsure
     from gata_ft.paired import compare
 
     torch.set_num_threads(threads)
@@ -156,7 +156,7 @@ def run_case(name: str, artifact: Path, test: Path, threads: int) -> list[dict]:
             size = sum(p.stat().st_size for p in graph.parent.glob(graph.name + "*"))
             ways = [(label, logits.argmax(-1), ms, None, None)]
             if label.startswith(SERVED):  # as served: unsure answers scored again in fp32
-                unsure = softmax(logits.astype(float)).max(-1) < below
+                again_rows = unsure(logits, below)
                 # as the runtime loads them: both sessions stop spinning after each run
                 stop = {"session.force_spinning_stop": "1"}
                 first = OnnxClassifier(graph, folder / "tokenizer.json", max_length, threads, stop)
@@ -165,12 +165,12 @@ def run_case(name: str, artifact: Path, test: Path, threads: int) -> list[dict]:
 
                 def cascade(t, c=first, again=again):
                     scores = c.logits([t])
-                    return again.logits([t]) if softmax(scores).max() < below else scores
+                    return again.logits([t]) if unsure(scores, below)[0] else scores
 
                 p50, mean = latency(cascade, sample)
                 ways.append((f"{label} + fp32 below {below:g}",
-                             np.where(unsure, fp32_logits.argmax(-1), logits.argmax(-1)), p50,
-                             mean, float(unsure.mean())))  # fmt: skip
+                             np.where(again_rows, fp32_logits.argmax(-1), logits.argmax(-1)),
+                             p50, mean, float(again_rows.mean())))  # fmt: skip
             for way, predicted, ms, mean, escalated in ways:
                 result = compare(reference, predicted, truth, k)
                 new = not gate_failures(result, limits, labels)

@@ -152,7 +152,7 @@ class ArtifactInfo:
                 f"{where}: expected artifact format_version {FORMAT_VERSION}, found {version!r}; "
                 "upgrade it with `gata-ft export MODEL -o NEW.tar.gz`"
             )
-        field = _FieldReader(metadata, where)
+        field = FieldReader(metadata, where)
         entries = field("labels", list, "a list of label entries")
         labels = tuple(
             field(f"labels.{i}.label", int, "a non-negative integer queue id", minimum=0)
@@ -226,7 +226,7 @@ class ArtifactInfo:
             return cls.of(load_json(f, path), folder)
 
 
-class _FieldReader:
+class FieldReader:
     """Reads a dotted field of metadata, or raises an ArtifactError that names it."""
 
     def __init__(self, metadata: dict, where: Path | str):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import click
@@ -184,9 +183,10 @@ def serve(model, host, port, graph, threads, no_verify_files, no_escalate) -> No
         try:
             if settings.workers > 1:
                 loaded.release_session()  # each worker loads its own; the folder stays
-                if no_escalate:
-                    os.environ["GATA_ESCALATE"] = "0"  # the workers read it
-                serve_workers(str(loaded.folder), graph, host, port, settings, threads)
+                serve_workers(
+                    str(loaded.folder), graph, host, port, settings, threads,
+                    _escalate(no_escalate),
+                )  # fmt: skip
             else:
                 run_server(loaded, host, port, settings)
         except Terminated:  # uvicorn re-raises the SIGTERM it shut down on: a normal stop

@@ -57,8 +57,6 @@ def _being_written(path: Path) -> bool:
     try:
         with path.open("rb") as f:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:  # gone meanwhile, or unreadable: leave it
+    except OSError:  # locked by its writer (BlockingIOError), gone or unreadable: leave it
         return True
     return False

@@ -40,6 +40,11 @@ def softmax(logits, temperature: float = 1.0) -> np.ndarray:
     return exp / exp.sum(axis=-1, keepdims=True)
 
 
+def unsure(logits, below: float) -> np.ndarray:
+    """(n,) booleans: the rows whose top probability is below `below` (escalated to fp32)."""
+    return softmax(np.asarray(logits, dtype=np.float64)).max(-1) < below
+
+
 def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
     """numerator / denominator, 0 where the denominator is 0 (scikit-learn's zero_division=0)."""
     out = np.zeros(numerator.shape, dtype=np.float64)

@@ -33,7 +33,7 @@ from gata_ft.artifact import (
 from gata_ft.artifact import verify_files as check_files
 from gata_ft.errors import ArtifactError, GataError
 from gata_ft.inference import OnnxClassifier, has_vnni
-from gata_ft.metrics import softmax
+from gata_ft.metrics import softmax, unsure
 from gata_ft.scope import Scope
 
 log = logging.getLogger("gata_ft")
@@ -255,14 +255,12 @@ class Model:
             return np.zeros((0, len(self.labels)), np.float32), []
         logits, features = self.classifier.scores(prepared, batch_size)
         if self.second is not None:
-            unsure = np.flatnonzero(softmax(logits).max(-1) < self.escalation[1])
-            if unsure.size:
-                again, again_features = self.second.scores(
-                    [prepared[i] for i in unsure], batch_size
-                )
-                logits[unsure] = again
+            rows = np.flatnonzero(unsure(logits, self.escalation[1]))
+            if rows.size:
+                again, again_features = self.second.scores([prepared[i] for i in rows], batch_size)
+                logits[rows] = again
                 if features is not None and again_features is not None:
-                    features[unsure] = again_features
+                    features[rows] = again_features
         distances = [None] * len(prepared)
         if self.scope is not None and features is not None:
             distances = (self.scope.distance(features) / self.distance_threshold).tolist()

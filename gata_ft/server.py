@@ -310,12 +310,13 @@ def serve_workers(
     port: int,
     settings: Settings,
     threads: int = 0,
+    escalate: bool | None = None,
 ) -> None:
     """Run `settings.workers` processes, each loading the model (SAGEMAKER_MODEL_SERVER_WORKERS).
 
     The parent has verified the files and replayed the golden samples already,
     so the workers skip the sha256 check of the same folder. `threads` 0 shares
-    the cores among the workers.
+    the cores among the workers; `escalate` False serves int8 alone in each.
     """
     import uvicorn
 
@@ -324,6 +325,8 @@ def serve_workers(
         {"GATA_SERVE_MODEL": model_path, "GATA_SERVE_GRAPH": graph,
          "GATA_SERVE_THREADS": str(threads)}
     )  # fmt: skip
+    if escalate is False:
+        os.environ["GATA_ESCALATE"] = "0"  # what Model.load reads in each worker
     uvicorn.run(
         "gata_ft.server:worker_app",
         factory=True,

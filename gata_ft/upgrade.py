@@ -14,7 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gata_ft.archive import safe_extract, sha256_file
-from gata_ft.artifact import METADATA, SCOPE, TOKENIZER, ArtifactInfo, label_entries, load_json
+from gata_ft.artifact import (
+    METADATA,
+    SCOPE,
+    TOKENIZER,
+    ArtifactInfo,
+    FieldReader,
+    label_entries,
+    load_json,
+)
 from gata_ft.data import LabelMap
 from gata_ft.errors import ArtifactError
 from gata_ft.scope import RoutingRule, Scope
@@ -64,20 +72,15 @@ def read_source(path: Path, scratch: Path, max_length: int | None) -> Source:
 
     if metadata and "format_version" in metadata:
         kind = "gata-ft"
-        entries = metadata.get("labels")
-        labels = ()
-        if isinstance(entries, list) and all(isinstance(e, dict) for e in entries):
-            labels = tuple(entry.get("label") for entry in entries)
-        if not labels or not all(_is_int(label) for label in labels):
-            raise ArtifactError(
-                f'{path}: {METADATA}: labels: expected a list of {{"label": queue id}}, '
-                f"found {str(entries)[:100]}"
-            )
-        length = metadata.get("max_length")
-        if not _is_int(length):
-            raise ArtifactError(
-                f"{path}: {METADATA}: max_length: expected an integer, found {str(length)[:100]}"
-            )
+        field = FieldReader(metadata, path)  # format 1 too: not ArtifactInfo, which wants 2
+        entries = field("labels", list, 'a list of {"label": queue id}')
+        labels = tuple(
+            field(f"labels.{i}.label", int, "a non-negative integer queue id", minimum=0)
+            for i in range(len(entries))
+        )
+        if not labels:
+            raise ArtifactError(f"{path}: {METADATA}: labels: expected 1 or more, found none")
+        length = field("max_length", int, "a positive integer", minimum=1)
     elif metadata and "label_mapping" in metadata:
         kind = "gata-finetune"
         labels = _labels_from_mapping(path, metadata["label_mapping"])
@@ -108,10 +111,6 @@ def _json_object(file: Path, path: Path) -> dict:
             f"{path}: {file.name}: expected a JSON object, found {type(value).__name__}"
         )
     return value
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _labels_from_mapping(path: Path, mapping: dict) -> tuple[int, ...]:

@@ -412,7 +412,7 @@ def test_with_workers_the_parent_frees_its_session_and_passes_threads(trained_ar
 
     seen, released = {}, []
 
-    def fake_workers(model_path, graph, host, port, settings, threads=0):
+    def fake_workers(model_path, graph, host, port, settings, threads=0, escalate=None):
         seen.update(path=model_path, threads=threads, workers=settings.workers)
 
     real = server.Model.release_session

@@ -17,7 +17,7 @@ from gata_ft.export.onnx import most_sensitive_nodes, node_names, quantize
 from gata_ft.export.recipe import Recipe, Thresholds, Variant
 from gata_ft.export.reference import onnx_scores, torch_scores
 from gata_ft.inference import OnnxClassifier
-from gata_ft.metrics import Scores, softmax
+from gata_ft.metrics import Scores, softmax, unsure
 from gata_ft.paired import Comparison, compare
 from gata_ft.scope import RoutingRule, Scope
 
@@ -108,11 +108,6 @@ class GateInputs:
         return self.content / TOKENIZER
 
 
-def escalate(logits: np.ndarray, below: float) -> np.ndarray:
-    """(n,) booleans: the tickets whose top probability is below `below`, to score again."""
-    return softmax(np.asarray(logits, dtype=np.float64)).max(-1) < below
-
-
 def escalation_block(recipe: Recipe) -> dict:
     """The serve block's `escalate` entry for an int8 graph of `recipe` (empty: none)."""
     if recipe.escalate_below is None:
@@ -194,11 +189,11 @@ def gate(inputs: GateInputs, strict: bool, emit: Callable[[str], None]):
         escalated = int8_agreement = None
         if recipe.escalate_below is not None:  # gate what the runtime serves: int8, then fp32
             int8_agreement = float((logits.argmax(-1) == reference_pred).mean())
-            unsure = escalate(logits, recipe.escalate_below)
-            escalated = float(unsure.mean())
-            logits = np.where(unsure[:, None], fp32_logits, logits)
+            again = unsure(logits, recipe.escalate_below)
+            escalated = float(again.mean())
+            logits = np.where(again[:, None], fp32_logits, logits)
             if features is not None and fp32_features is not None:
-                features = np.where(unsure[:, None], fp32_features, features)
+                features = np.where(again[:, None], fp32_features, features)
         pred = logits.argmax(-1)
         result = compare(reference_pred, pred, truth, n, alpha)
         failures = gate_failures(result, recipe.parity, evaluation.labels)
