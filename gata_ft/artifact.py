@@ -153,13 +153,7 @@ class ArtifactInfo:
                 "upgrade it with `gata-ft export MODEL -o NEW.tar.gz`"
             )
         field = FieldReader(metadata, where)
-        entries = field("labels", list, "a list of label entries")
-        labels = tuple(
-            field(f"labels.{i}.label", int, "a non-negative integer queue id", minimum=0)
-            for i in range(len(entries))
-        )
-        if not labels:
-            raise ArtifactError(f"{where}: {METADATA}: labels: expected 1 or more, found none")
+        labels = field.labels()
         graph = field("serve.graph", str, f"one of {', '.join(sorted(GRAPHS.values()))}")
         if graph not in GRAPHS.values():
             raise ArtifactError(
@@ -231,6 +225,17 @@ class FieldReader:
 
     def __init__(self, metadata: dict, where: Path | str):
         self.metadata, self.where = metadata, where
+
+    def labels(self) -> tuple[int, ...]:
+        """The queue ids of `labels`, in class order: at least one."""
+        entries = self("labels", list, 'a list of {"label": queue id}')
+        labels = tuple(
+            self(f"labels.{i}.label", int, "a non-negative integer queue id", minimum=0)
+            for i in range(len(entries))
+        )
+        if not labels:
+            raise ArtifactError(f"{self.where}: {METADATA}: labels: expected 1 or more, found none")
+        return labels
 
     def __call__(self, dotted: str, kind: type, expected: str, minimum: float | None = None):
         value: object = self.metadata

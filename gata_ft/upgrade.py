@@ -73,13 +73,7 @@ def read_source(path: Path, scratch: Path, max_length: int | None) -> Source:
     if metadata and "format_version" in metadata:
         kind = "gata-ft"
         field = FieldReader(metadata, path)  # format 1 too: not ArtifactInfo, which wants 2
-        entries = field("labels", list, 'a list of {"label": queue id}')
-        labels = tuple(
-            field(f"labels.{i}.label", int, "a non-negative integer queue id", minimum=0)
-            for i in range(len(entries))
-        )
-        if not labels:
-            raise ArtifactError(f"{path}: {METADATA}: labels: expected 1 or more, found none")
+        labels = field.labels()
         length = field("max_length", int, "a positive integer", minimum=1)
     elif metadata and "label_mapping" in metadata:
         kind = "gata-finetune"
