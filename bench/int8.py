@@ -115,8 +115,8 @@ def run_case(name: str, artifact: Path, test: Path, threads: int) -> list[dict]:
     from gata_ft.export.parity import gate_failures
     from gata_ft.export.recipe import Recipe
     from gata_ft.export.reference import torch_logits
-    from gata_ft.inference import OnnxClassifier
-    from gata_ft.metrics import unsure
+    from gata_ft.inference import SECOND_STAGE_SESSION, OnnxClassifier
+    from gata_ft.metrics import softmax, unsure
     from gata_ft.paired import compare
 
     torch.set_num_threads(threads)
@@ -156,16 +156,15 @@ def run_case(name: str, artifact: Path, test: Path, threads: int) -> list[dict]:
             size = sum(p.stat().st_size for p in graph.parent.glob(graph.name + "*"))
             ways = [(label, logits.argmax(-1), ms, None, None)]
             if label.startswith(SERVED):  # as served: unsure answers scored again in fp32
-                again_rows = unsure(logits, below)
-                # as the runtime loads them: both sessions stop spinning after each run
-                stop = {"session.force_spinning_stop": "1"}
-                first = OnnxClassifier(graph, folder / "tokenizer.json", max_length, threads, stop)
+                again_rows = unsure(softmax(logits), below)
+                # as the runtime loads them: the second stage never spins
+                first = OnnxClassifier(graph, folder / "tokenizer.json", max_length, threads)
                 again = OnnxClassifier(fp32_graph, folder / "tokenizer.json", max_length,
-                                       threads, stop)  # fmt: skip
+                                       threads, SECOND_STAGE_SESSION)  # fmt: skip
 
                 def cascade(t, c=first, again=again):
                     scores = c.logits([t])
-                    return again.logits([t]) if unsure(scores, below)[0] else scores
+                    return again.logits([t]) if unsure(softmax(scores), below)[0] else scores
 
                 p50, mean = latency(cascade, sample)
                 ways.append((f"{label} + fp32 below {below:g}",

@@ -40,9 +40,13 @@ def softmax(logits, temperature: float = 1.0) -> np.ndarray:
     return exp / exp.sum(axis=-1, keepdims=True)
 
 
-def unsure(logits, below: float) -> np.ndarray:
-    """(n,) booleans: the rows whose top probability is below `below` (escalated to fp32)."""
-    return softmax(np.asarray(logits, dtype=np.float64)).max(-1) < below
+def unsure(probabilities, below: float) -> np.ndarray:
+    """(n,) booleans: the rows whose top probability is below `below` (escalated to fp32).
+
+    `probabilities`: softmax of the int8 graph's float32 logits, as the parity gate
+    and the runtime both compute them, so both escalate the same tickets.
+    """
+    return np.asarray(probabilities).max(-1) < below
 
 
 def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:

@@ -32,7 +32,7 @@ from gata_ft.artifact import (
 )
 from gata_ft.artifact import verify_files as check_files
 from gata_ft.errors import ArtifactError, GataError
-from gata_ft.inference import OnnxClassifier, has_vnni
+from gata_ft.inference import SECOND_STAGE_SESSION, OnnxClassifier, has_vnni
 from gata_ft.metrics import softmax, unsure
 from gata_ft.scope import Scope
 
@@ -125,18 +125,14 @@ class Model:
             check_files(self.folder, self.metadata, needed)
         if info.distance_threshold is not None:
             self.scope = Scope.load(self.folder / SCOPE)
-        # Two sessions, two thread pools: a pool left spinning after its run takes the
-        # cores from the other's (int8 then fp32 for one ticket: 10.9 ms spinning, 4.5 ms
-        # stopping; BANKING77 MiniLM, 2 cores), so with escalation both stop after each run.
-        config = None if self.escalation is None else {"session.force_spinning_stop": "1"}
         self.classifier = OnnxClassifier(
-            self.folder / self.graph, self.folder / TOKENIZER, self.max_length, threads, config
+            self.folder / self.graph, self.folder / TOKENIZER, self.max_length, threads
         )
         self.second = None
         if self.escalation is not None:
             self.second = OnnxClassifier(
                 self.folder / self.escalation[0], self.folder / TOKENIZER, self.max_length,
-                threads, config,
+                threads, SECOND_STAGE_SESSION,
             )  # fmt: skip
 
     @classmethod
@@ -254,17 +250,18 @@ class Model:
         if not prepared:
             return np.zeros((0, len(self.labels)), np.float32), []
         logits, features = self.classifier.scores(prepared, batch_size)
+        probabilities = softmax(logits)
         if self.second is not None:
-            rows = np.flatnonzero(unsure(logits, self.escalation[1]))
+            rows = np.flatnonzero(unsure(probabilities, self.escalation[1]))
             if rows.size:
                 again, again_features = self.second.scores([prepared[i] for i in rows], batch_size)
-                logits[rows] = again
+                probabilities[rows] = softmax(again)
                 if features is not None and again_features is not None:
                     features[rows] = again_features
         distances = [None] * len(prepared)
         if self.scope is not None and features is not None:
             distances = (self.scope.distance(features) / self.distance_threshold).tolist()
-        return softmax(logits), distances
+        return probabilities, distances
 
     def route_of(self, probability: float, label: int, out_of_scope: float | None) -> bool | None:
         """Whether a ticket with this top probability, label and out-of-scope score is routed."""

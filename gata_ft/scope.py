@@ -57,7 +57,7 @@ class Scope:
     def squared(self, features) -> np.ndarray:
         """(n, K): squared Mahalanobis distance of each row to each class mean (float32)."""
         z = np.asarray(features, dtype=np.float32) @ self.whitening
-        squared = self._norms - 2 * (z @ self.means.T) + np.einsum("ij,ij->i", z, z)[:, None]
+        squared = self._norms - 2 * (z @ self.means.T) + (z * z).sum(1, keepdims=True)
         return np.maximum(squared, 0.0)
 
     def distance(self, features) -> np.ndarray:

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Callable
 from functools import lru_cache
+
+# characters a translation table remembers (a text of many distinct characters
+# costs lookups, never memory)
+TABLE_LIMIT = 4096
 
 
 @lru_cache(maxsize=8)
@@ -17,13 +22,36 @@ def allowed(char: str, pattern: str) -> bool:
     return _allowed(char, pattern)
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=TABLE_LIMIT)
 def _allowed(char: str, pattern: str) -> bool:
     return _compiled(pattern).fullmatch(char) is not None
+
+
+class _Table(dict):
+    """A str.translate table that works each character out on first sight."""
+
+    def __init__(self, rule: Callable[[str], str]):
+        super().__init__()
+        self.rule = rule
+
+    def __missing__(self, code: int) -> str:
+        value = self.rule(chr(code))
+        if len(self) < TABLE_LIMIT:
+            self[code] = value
+        return value
+
+
+_NOT_COMBINING = _Table(lambda c: "" if unicodedata.combining(c) else c)
+
+
+@lru_cache(maxsize=8)
+def _spaces_for_disallowed(pattern: str) -> _Table:
+    return _Table(lambda c: c if _allowed(c, pattern) else " ")
 
 
 def normalize(text: str, pattern: str) -> str:
     """Lower-case, strip accents, turn disallowed characters into spaces, collapse white space."""
     decomposed = unicodedata.normalize("NFKD", text)
-    plain = "".join(c for c in decomposed if not unicodedata.combining(c)).lower()
-    return " ".join("".join(c if _allowed(c, pattern) else " " for c in plain).split())
+    if not decomposed.isascii():  # no ASCII character combines
+        decomposed = decomposed.translate(_NOT_COMBINING)
+    return " ".join(decomposed.lower().translate(_spaces_for_disallowed(pattern)).split())

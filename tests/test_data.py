@@ -1,9 +1,13 @@
 import json
+import random
+import re
+import unicodedata
 
 import pytest
 from conftest import write_rows
 
-from gata_ft.data import LabelMap, balance_table, normalize_text, read_split
+from gata_ft import text as text_rules
+from gata_ft.data import LabelMap, balance_table, normalize_text, read_split, text_pattern
 from gata_ft.errors import DataError
 
 GOOD = '{"label": 7, "text": "my card was declined"}'
@@ -206,6 +210,46 @@ def test_normalize_still_rejects_texts_that_become_empty(tmp_path):
 
 def test_normalize_text_function():
     assert normalize_text("Où est ma CARTE?\tÇa  urge!!") == "ou est ma carte? ca urge!!"
+
+
+def _normalize_by_the_definition(value: str, pattern: str) -> str:
+    decomposed = unicodedata.normalize("NFKD", value)
+    plain = "".join(c for c in decomposed if not unicodedata.combining(c)).lower()
+    return " ".join("".join(c if re.fullmatch(pattern, c) else " " for c in plain).split())
+
+
+def test_normalize_equals_its_definition_on_any_unicode():
+    pattern = text_pattern().pattern
+    hand = [
+        "İstanbul ﬁle",
+        "\uff26\uff35\uff2c\uff2c \uff57\uff49\uff44\uff54\uff48",  # full-width
+        "e\u0301\u0327t\u00e9",
+        "ß ǅ ﬀ ½ ™",
+        "😀 naïve\x00\u200b",
+    ]
+    rng = random.Random(0)
+    spans = [
+        (0, 0x7F),
+        (0x80, 0x2FF),
+        (0x300, 0x36F),
+        (0x370, 0x3000),
+        (0xFB00, 0xFFEF),
+        (0x1F300, 0x1FAFF),
+    ]
+    drawn = [
+        "".join(chr(rng.randint(*rng.choice(spans))) for _ in range(rng.randint(0, 40)))
+        for _ in range(2_000)
+    ]
+    for value in hand + drawn:
+        assert text_rules.normalize(value, pattern) == _normalize_by_the_definition(value, pattern)
+
+
+def test_normalize_remembers_a_bounded_number_of_characters():
+    pattern = text_pattern().pattern
+    many = "".join(chr(c) for c in range(0x4E00, 0x4E00 + 3 * text_rules.TABLE_LIMIT))
+    assert text_rules.normalize(many, pattern) == _normalize_by_the_definition(many, pattern)
+    assert len(text_rules._spaces_for_disallowed(pattern)) <= text_rules.TABLE_LIMIT
+    assert len(text_rules._NOT_COMBINING) <= text_rules.TABLE_LIMIT
 
 
 def test_label_map_keeps_sparse_large_ids(tmp_path):

@@ -90,3 +90,16 @@ def test_softmax_keeps_the_precision_of_its_input():
         metrics.softmax(logits, 2.0), metrics.softmax(logits / 2.0), rtol=1e-6
     )
     np.testing.assert_allclose(metrics.softmax(logits).sum(-1), 1.0, rtol=1e-6)
+
+
+def test_unsure_is_the_top_probability_below_the_cut():
+    # top probabilities 0.5 exactly (not below 0.5), 0.79, 1/3, 0.73 and 0.95 (huge logits)
+    logits = np.array(
+        [[0, 0, -np.inf], [2, 0, 0], [0, 0, 0], [1000, 999, -1000], [-1e4, -1e4 + 3, -1e5]]
+    )
+    assert metrics.unsure(metrics.softmax(logits), 0.5).tolist() == [F, F, T, F, F]
+    assert metrics.unsure(metrics.softmax(logits), 0.9).tolist() == [T, T, T, T, F]
+    assert metrics.unsure(np.zeros((0, 3)), 0.5).shape == (0,)
+
+
+T, F = True, False

@@ -189,7 +189,7 @@ def gate(inputs: GateInputs, strict: bool, emit: Callable[[str], None]):
         escalated = int8_agreement = None
         if recipe.escalate_below is not None:  # gate what the runtime serves: int8, then fp32
             int8_agreement = float((logits.argmax(-1) == reference_pred).mean())
-            again = unsure(logits, recipe.escalate_below)
+            again = unsure(softmax(logits), recipe.escalate_below)
             escalated = float(again.mean())
             logits = np.where(again[:, None], fp32_logits, logits)
             if features is not None and fp32_features is not None:
