@@ -56,6 +56,21 @@ def _front_matter(metadata: dict) -> list[str]:
     return [*lines, "---"]
 
 
+def serving(serve: dict) -> str:
+    """What the runtime serves, in one line: the graph, why, its VNNI companion and escalation."""
+    text = f"serving {serve.get('graph')}: {serve.get('reason')}"
+    vnni = serve.get("vnni")
+    if vnni:
+        text += f"; on CPUs with VNNI {vnni.get('graph')}"
+    escalate = serve.get("escalate") or (vnni or {}).get("escalate")
+    if escalate:
+        text += (
+            f"; tickets whose int8 top probability is below {escalate['below']:g} are "
+            f"scored again by {escalate['graph']}"
+        )
+    return text
+
+
 def render(metadata: dict) -> str:
     """The card's text."""
     lines = _front_matter(metadata)
@@ -93,7 +108,7 @@ def render(metadata: dict) -> str:
     lines += _routing(metadata.get("calibration") or {})
     lines += ["", "## Parity of the int8 graph", ""]
     parity, serve = metadata.get("parity") or {}, metadata.get("serve") or {}
-    lines.append(f"- served: `{serve.get('graph')}` ({serve.get('reason')})")
+    lines.append(f"- {serving(serve)}")
     if parity.get("checked"):
         lines.append(f"- gate on {parity.get('texts')} test tickets: "
                      f"{'passed' if parity.get('passed') else 'failed'}")  # fmt: skip

@@ -244,7 +244,7 @@ def _ship(
     """The common tail: ONNX graphs and the parity gate, a review against the model in
     service, the model card, then metadata and the tarball."""
     blocks = add_onnx(content, max_length, recipe, evaluation, strict, emit)
-    serving = f"serving {blocks['serve']['graph']}: {blocks['serve']['reason']}"
+    serving = card.serving(blocks["serve"])
     if parity_file is not None:
         files.write_text(parity_file, json.dumps(blocks["parity"], indent=2) + "\n")
         emit(f"{serving}; wrote {parity_file}")

@@ -141,3 +141,12 @@ def test_the_model_card_parses_and_lists_every_label(trained_artifact):
         assert f"| {entry['class_id']} | {entry['label']} |" in card
     assert "README.md" in metadata["files"]
     AutoModelForSequenceClassification.from_pretrained(trained_artifact["dir"])  # still loads
+    # what the runtime serves, as the job's log says it: both int8 graphs and the escalation
+    serve = metadata["serve"]
+    served = (
+        f"- serving {serve['graph']}: {serve['reason']}; on CPUs with VNNI "
+        f"{serve['vnni']['graph']}; tickets whose int8 top probability is below 0.5 are "
+        "scored again by onnx/model.onnx\n"
+    )
+    assert served in card
+    assert served[2:-1] in trained_artifact["log"]
