@@ -1,6 +1,7 @@
 """The router's runtime (ONNX int8, no torch) against the Transformers pipeline in PyTorch,
 the way the endpoint serves today: cold start, latency through the library and over HTTP,
-throughput at batch 32 and peak RSS, each engine in fresh processes, side by side.
+throughput at batch 32 and peak RSS, each engine in fresh processes, side by side,
+and the runtime on the fp32 graph of the same artifact.
 Latencies pool the same 300 tickets of every run (3 processes and 3 servers per
 engine, after 20 warm-up tickets each).
 Then the cost of the out-of-scope score: batch-1 latency through the library with
@@ -31,16 +32,20 @@ from machine import describe
 REPO = Path(__file__).resolve().parent.parent
 WORK = REPO / "build" / "bench" / "banking77"
 DATA = REPO.parent / "shared" / "data" / "banking77"
-ENGINES = ("gata-ft runtime (ONNX int8)", "Transformers pipeline (PyTorch fp32)")
+ENGINES = {  # key: name; "served" is the graph the runtime picks for this CPU
+    "served": "gata-ft runtime (ONNX int8)",
+    "fp32": "gata-ft runtime, fp32 graph",
+    "pipeline": "Transformers pipeline (PyTorch fp32)",
+}
 
 # One process per measurement; it reports when its first prediction is done.
 CHILD = r"""
 import json, resource, sys, time
 engine, folder, texts_file, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 texts = json.load(open(texts_file))
-if engine == "onnx":
+if engine != "pipeline":
     from gata_ft.runtime import Model
-    model = Model.load(folder, threads=threads)
+    model = Model.load(folder, graph="fp32" if engine == "fp32" else "serve", threads=threads)
     predict = lambda batch: model.predict(batch)
     predict_one = lambda text: model.predict([text])
 else:
@@ -111,36 +116,39 @@ def main() -> None:
         safe_extract(args.model, folder)
         texts_file = Path(scratch) / "texts.json"
         texts_file.write_text(json.dumps(texts[:1500]))
-        for engine, key in zip(ENGINES, ("onnx", "pipeline"), strict=True):
-            cold, runs = [], []
-            for _ in range(args.runs):
+        # the engines take turns, run after run, so that the machine's drift (a shared
+        # host) falls on each of them alike
+        cold, runs, http = ({key: [] for key in ENGINES} for _ in range(3))
+        for run in range(args.runs):
+            for key in ENGINES:
                 command = [sys.executable, "-c", CHILD, key, str(folder), str(texts_file),
                            str(args.threads)]  # fmt: skip
                 started = time.perf_counter()
                 child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True,
                                          stderr=subprocess.DEVNULL)  # fmt: skip
                 assert child.stdout.readline().strip() == "ready"
-                cold.append(time.perf_counter() - started)
-                runs.append(json.loads(child.stdout.readline()))
+                cold[key].append(time.perf_counter() - started)
+                runs[key].append(json.loads(child.stdout.readline()))
                 child.wait()
+                # the library's tickets, after the same warm-up, one server per run
+                http[key].append(http_latencies(key, folder, texts[:320], args.threads))
+            print(f"run {run + 1} of {args.runs} measured", file=sys.stderr, flush=True)
+        for key, engine in ENGINES.items():
             # every run's 300 tickets: one process's p50 moves by 0.1 ms from run to run
-            single = np.concatenate([r["single"] for r in runs]) * 1000
-            # the library's tickets, after the same warm-up, one server per run
-            http = [http_latencies(key, folder, texts[:320], args.threads) for _ in runs]
-            http_times, ping_times = (np.concatenate(t) for t in zip(*http, strict=True))
+            single = np.concatenate([r["single"] for r in runs[key]]) * 1000
+            http_times, ping_times = (np.concatenate(t) for t in zip(*http[key], strict=True))
             results[engine] = {
-                "cold_start_s": float(np.median(cold)),
+                "cold_start_s": float(np.median(cold[key])),
                 "b1_p50_ms": float(np.percentile(single, 50)),
                 "b1_p95_ms": float(np.percentile(single, 95)),
                 "http_p50_ms": float(np.percentile(http_times, 50)),
                 "http_p95_ms": float(np.percentile(http_times, 95)),
                 "ping_p50_ms": float(np.percentile(ping_times, 50)),
-                "b32_texts_per_s": float(np.median([r["throughput"] for r in runs])),
-                "peak_rss_mb": max(r["rss_mb"] for r in runs),
+                "b32_texts_per_s": float(np.median([r["throughput"] for r in runs[key]])),
+                "peak_rss_mb": max(r["rss_mb"] for r in runs[key]),
             }
-            print(f"measured {engine}", file=sys.stderr, flush=True)
 
-    onnx, torch_ = results[ENGINES[0]], results[ENGINES[1]]
+    onnx, torch_ = results[ENGINES["served"]], results[ENGINES["pipeline"]]
     print(
         f"BANKING77 MiniLM, {args.threads} threads, model folder extracted from {args.model.name}"
     )
@@ -152,10 +160,14 @@ def main() -> None:
               f"{r['peak_rss_mb']:>8.0f}MB")  # fmt: skip
     cold = torch_["cold_start_s"] / onnx["cold_start_s"]
     print(f"ratios (pipeline / runtime): cold start {cold:.1f}x, "
-          f"library p50 {torch_['b1_p50_ms'] / onnx['b1_p50_ms']:.1f}x, "
-          f"HTTP p50 {torch_['http_p50_ms'] / onnx['http_p50_ms']:.1f}x, "
-          f"b32 throughput {onnx['b32_texts_per_s'] / torch_['b32_texts_per_s']:.1f}x, "
+          f"library p50 {torch_['b1_p50_ms'] / onnx['b1_p50_ms']:.2f}x, "
+          f"HTTP p50 {torch_['http_p50_ms'] / onnx['http_p50_ms']:.2f}x, "
+          f"b32 throughput {onnx['b32_texts_per_s'] / torch_['b32_texts_per_s']:.2f}x, "
           f"peak RSS {torch_['peak_rss_mb'] / onnx['peak_rss_mb']:.1f}x")  # fmt: skip
+    fp32 = results[ENGINES["fp32"]]
+    print(f"ratios (the runtime's fp32 graph / the graph it serves): "
+          f"library p50 {fp32['b1_p50_ms'] / onnx['b1_p50_ms']:.2f}x, "
+          f"HTTP p50 {fp32['http_p50_ms'] / onnx['http_p50_ms']:.2f}x")  # fmt: skip
     for engine, r in results.items():
         extra = r["http_p50_ms"] - r["b1_p50_ms"]
         print(f"HTTP over the library at p50, {engine}: {extra:+.2f} ms "
@@ -215,9 +227,10 @@ def http_latencies(engine: str, folder: Path, texts: list[str], threads: int):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    if engine == "onnx":
+    if engine != "pipeline":
         command = [sys.executable, "-m", "gata_ft", "serve", str(folder), "--host", "127.0.0.1",
-                   "--port", str(port), "--threads", str(threads)]  # fmt: skip
+                   "--port", str(port), "--threads", str(threads),
+                   "--graph", "fp32" if engine == "fp32" else "serve"]  # fmt: skip
     else:
         command = [sys.executable, "-c", PIPELINE_SERVER, str(folder), str(port), str(threads)]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
