@@ -115,7 +115,7 @@ def run_case(name: str, artifact: Path, test: Path, threads: int) -> list[dict]:
     from gata_ft.export.parity import gate_failures
     from gata_ft.export.recipe import Recipe
     from gata_ft.export.reference import torch_logits
-    from gata_ft.inference import SECOND_STAGE_SESSION, OnnxClassifier
+    from gata_ft.inference import STOP_SPINNING, OnnxClassifier
     from gata_ft.metrics import softmax, unsure
     from gata_ft.paired import compare
 
@@ -157,10 +157,11 @@ def run_case(name: str, artifact: Path, test: Path, threads: int) -> list[dict]:
             ways = [(label, logits.argmax(-1), ms, None, None)]
             if label.startswith(SERVED):  # as served: unsure answers scored again in fp32
                 again_rows = unsure(softmax(logits), below)
-                # as the runtime loads them: the second stage never spins
-                first = OnnxClassifier(graph, folder / "tokenizer.json", max_length, threads)
+                # as the runtime loads them: neither session left spinning after its run
+                first = OnnxClassifier(graph, folder / "tokenizer.json", max_length, threads,
+                                       STOP_SPINNING)  # fmt: skip
                 again = OnnxClassifier(fp32_graph, folder / "tokenizer.json", max_length,
-                                       threads, SECOND_STAGE_SESSION)  # fmt: skip
+                                       threads, STOP_SPINNING)  # fmt: skip
 
                 def cascade(t, c=first, again=again):
                     scores = c.logits([t])

@@ -116,11 +116,12 @@ def main() -> None:
         safe_extract(args.model, folder)
         texts_file = Path(scratch) / "texts.json"
         texts_file.write_text(json.dumps(texts[:1500]))
-        # the engines take turns, run after run, so that the machine's drift (a shared
-        # host) falls on each of them alike
+        # the engines take turns, run after run, in a rotating order, so that the
+        # machine's drift (a shared host) and a cold page cache fall on each alike
         cold, runs, http = ({key: [] for key in ENGINES} for _ in range(3))
         for run in range(args.runs):
-            for key in ENGINES:
+            order = list(ENGINES)[run % len(ENGINES) :] + list(ENGINES)[: run % len(ENGINES)]
+            for key in order:
                 command = [sys.executable, "-c", CHILD, key, str(folder), str(texts_file),
                            str(args.threads)]  # fmt: skip
                 started = time.perf_counter()

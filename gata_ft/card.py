@@ -58,17 +58,27 @@ def _front_matter(metadata: dict) -> list[str]:
 
 def serving(serve: dict) -> str:
     """What the runtime serves, in one line: the graph, why, its VNNI companion and escalation."""
-    text = f"serving {serve.get('graph')}: {serve.get('reason')}"
-    vnni = serve.get("vnni")
-    if vnni:
-        text += f"; on CPUs with VNNI {vnni.get('graph')}"
-    escalate = serve.get("escalate") or (vnni or {}).get("escalate")
-    if escalate:
-        text += (
-            f"; tickets whose int8 top probability is below {escalate['below']:g} are "
-            f"scored again by {escalate['graph']}"
+
+    def escalation(block: dict) -> str:
+        rule = block.get("escalate") or {}
+        if not rule.get("below", 0) > 0:  # 0 or absent: none (as the runtime reads it)
+            return ""
+        return (
+            f"tickets whose int8 top probability is below {rule['below']:g} are scored "
+            f"again by {rule['graph']}"
         )
-    return text
+
+    text = f"serving {serve.get('graph')}: {serve.get('reason')}"
+    vnni = serve.get("vnni") or {}
+    if not vnni:
+        return "; ".join(filter(None, [text, escalation(serve)]))
+    text += f"; on CPUs with VNNI {vnni.get('graph')}"
+    if escalation(serve) == escalation(vnni):  # one rule for both, as the recipes set it
+        return "; ".join(filter(None, [text, escalation(serve)]))
+    return "; ".join(
+        filter(None, [text, escalation(serve) and f"{serve.get('graph')}: {escalation(serve)}",
+                      escalation(vnni) and f"{vnni.get('graph')}: {escalation(vnni)}"])
+    )  # fmt: skip
 
 
 def render(metadata: dict) -> str:

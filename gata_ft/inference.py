@@ -13,13 +13,17 @@ import numpy as np
 
 FEATURES = "features"  # the graphs' second output: the classifier's input (BERT: the pooler)
 
-# The escalation graph's session (a second graph run only for tickets the first is
-# unsure of) never spins: a pool left spinning after its run takes a core from the
-# other session's next run. Measured, BANKING77 MiniLM, 2 cores, Intel Xeon (AMX),
-# batch 1, 2.3% of tickets escalated, p50 / mean over 1,500 tickets, three runs:
-# int8 alone 1.09 / 1.21 ms; both sessions stopping their spin after each run
-# 1.22 / 1.40 ms; this (the int8 session as if alone) 1.13 / 1.38 ms.
-SECOND_STAGE_SESSION = {"session.intra_op.allow_spinning": "0"}
+# Escalation runs a second graph for the tickets the first is unsure of. Two sessions
+# with a thread pool each contend: a pool's workers keep spinning after its run and
+# take the cores the other session needs, so with escalation both stop spinning at
+# the end of each run. Measured, BANKING77 MiniLM, VNNI int8 then fp32 for 2.4% of
+# tickets, 2 cores, Intel Xeon (AMX), 1,400 tickets one at a time, p50 / escalated
+# tickets' p50, two runs each: int8 alone 1.09-1.11 ms; both stopping 1.17-1.23 /
+# 4.85-5.27 ms; the int8 pool as if alone and an fp32 pool that never spins
+# 1.10-1.15 / 7.10-7.60 ms. One pool for both (onnxruntime's global pool) gave
+# 1.11-1.18 / 4.76-4.90 ms, but once it exists onnxruntime refuses every session of
+# the process that has its own pool: not for a library.
+STOP_SPINNING = {"session.force_spinning_stop": "1"}
 
 
 def has_vnni() -> bool:

@@ -32,7 +32,7 @@ from gata_ft.artifact import (
 )
 from gata_ft.artifact import verify_files as check_files
 from gata_ft.errors import ArtifactError, GataError
-from gata_ft.inference import SECOND_STAGE_SESSION, OnnxClassifier, has_vnni
+from gata_ft.inference import STOP_SPINNING, OnnxClassifier, has_vnni
 from gata_ft.metrics import softmax, unsure
 from gata_ft.scope import Scope
 
@@ -125,14 +125,16 @@ class Model:
             check_files(self.folder, self.metadata, needed)
         if info.distance_threshold is not None:
             self.scope = Scope.load(self.folder / SCOPE)
+        # the int8 and the fp32 session take turns: neither left spinning (see STOP_SPINNING)
+        config = None if self.escalation is None else STOP_SPINNING
         self.classifier = OnnxClassifier(
-            self.folder / self.graph, self.folder / TOKENIZER, self.max_length, threads
+            self.folder / self.graph, self.folder / TOKENIZER, self.max_length, threads, config
         )
         self.second = None
         if self.escalation is not None:
             self.second = OnnxClassifier(
                 self.folder / self.escalation[0], self.folder / TOKENIZER, self.max_length,
-                threads, SECOND_STAGE_SESSION,
+                threads, config,
             )  # fmt: skip
 
     @classmethod

@@ -7,8 +7,8 @@ import unicodedata
 from collections.abc import Callable
 from functools import lru_cache
 
-# characters a translation table remembers (a text of many distinct characters
-# costs lookups, never memory)
+# characters a translation table remembers; when full it starts again, so that a text
+# of many distinct characters costs neither memory nor the common characters' speed
 TABLE_LIMIT = 4096
 
 
@@ -36,8 +36,9 @@ class _Table(dict):
 
     def __missing__(self, code: int) -> str:
         value = self.rule(chr(code))
-        if len(self) < TABLE_LIMIT:
-            self[code] = value
+        if len(self) >= TABLE_LIMIT:
+            self.clear()
+        self[code] = value
         return value
 
 

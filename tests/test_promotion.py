@@ -150,3 +150,19 @@ def test_the_model_card_parses_and_lists_every_label(trained_artifact):
     )
     assert served in card
     assert served[2:-1] in trained_artifact["log"]
+
+
+def test_the_serving_line_names_each_graphs_escalation():
+    from gata_ft.card import serving
+
+    rule = {"graph": "onnx/model.onnx", "below": 0.5}
+    again = "tickets whose int8 top probability is below 0.5 are scored again by onnx/model.onnx"
+    both = {"graph": "p", "reason": "r", "escalate": rule, "vnni": {"graph": "v", "escalate": rule}}
+    assert serving(both) == f"serving p: r; on CPUs with VNNI v; {again}"
+    portable_only = {**both, "vnni": {"graph": "v"}}
+    assert serving(portable_only) == f"serving p: r; on CPUs with VNNI v; p: {again}"
+    off = {"graph": "p", "reason": "r", "escalate": {**rule, "below": 0}, "vnni": None}
+    assert serving(off) == "serving p: r"  # below 0: no escalation, as the runtime reads it
+    assert serving({"graph": "onnx/model.onnx", "reason": "gate failed"}) == (
+        "serving onnx/model.onnx: gate failed"
+    )

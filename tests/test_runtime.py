@@ -49,6 +49,22 @@ def test_predictions_equal_the_export_stage_onnx_predictions(trained_artifact, m
     assert model.graph == (serve["vnni"]["graph"] if has_vnni() else serve["graph"])
 
 
+def test_the_two_escalation_sessions_never_spin_against_each_other(trained_artifact):
+    def stopping(classifier):
+        options = classifier.session.get_session_options()
+        try:
+            return options.get_session_config_entry("session.force_spinning_stop") == "1"
+        except RuntimeError:  # not set: onnxruntime's default, spinning on
+            return False
+
+    folder = trained_artifact["dir"]
+    escalating = Model.load(folder, threads=2)
+    assert stopping(escalating.classifier)
+    assert stopping(escalating.second)
+    alone = Model.load(folder, threads=2, escalate=False)  # one session: as onnxruntime has it
+    assert not stopping(alone.classifier)
+
+
 def test_escalation_can_be_turned_off_and_is_recorded_by_the_gate(trained_artifact,
                                                                     monkeypatch):  # fmt: skip
     folder = trained_artifact["dir"]
