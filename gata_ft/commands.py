@@ -173,9 +173,10 @@ def serve(model, host, port, graph, threads, no_verify_files, no_escalate) -> No
         settings = Settings.from_env()
         port = port or port_from_env()
         check_port(host, port)
+        # the server owns its process: its sessions share onnxruntime's one pool
         loaded = Model.load(
             model or model_dir(), graph=graph, threads=threads, verify_files=not no_verify_files,
-            escalate=_escalate(no_escalate),
+            escalate=_escalate(no_escalate), shared_threads=settings.workers == 1,
         )  # fmt: skip
         if (loaded.folder / "golden.json").is_file():
             checked = loaded.verify_golden()

@@ -20,10 +20,38 @@ FEATURES = "features"  # the graphs' second output: the classifier's input (BERT
 # tickets, 2 cores, Intel Xeon (AMX), 1,400 tickets one at a time, p50 / escalated
 # tickets' p50, two runs each: int8 alone 1.09-1.11 ms; both stopping 1.17-1.23 /
 # 4.85-5.27 ms; the int8 pool as if alone and an fp32 pool that never spins
-# 1.10-1.15 / 7.10-7.60 ms. One pool for both (onnxruntime's global pool) gave
-# 1.11-1.18 / 4.76-4.90 ms, but once it exists onnxruntime refuses every session of
-# the process that has its own pool: not for a library.
+# 1.10-1.15 / 7.10-7.60 ms; one pool for both (onnxruntime's global pool)
+# 1.11-1.18 / 4.76-4.90 ms. But once the global pool exists onnxruntime refuses every
+# session of the process that has its own pool: only a process that owns all its
+# sessions (the server) asks for it (shared_pool).
 STOP_SPINNING = {"session.force_spinning_stop": "1"}
+_pool: dict[str, int] = {}  # {"threads": n} once this module made onnxruntime's global pool
+
+
+def shared_pool(threads: int) -> bool:
+    """Make this process's one onnxruntime thread pool (`threads`, 0: one per core).
+
+    True when sessions can use it: made now, or before (its size stays the
+    first one's). False when this onnxruntime offers no global pool.
+    """
+    if not _pool:
+        try:
+            from onnxruntime.capi import _pybind_state
+
+            _pybind_state.set_global_thread_pool_sizes(threads, 1)
+        except AttributeError:  # an onnxruntime without it: sessions keep their own pools
+            return False
+        except Exception as e:  # onnxruntime's own error type
+            if "already been created" not in str(e):
+                raise
+            threads = -1  # made by another part of this process: its size is not known
+        _pool["threads"] = threads
+    return True
+
+
+def pool_made() -> bool:
+    """Whether this process has onnxruntime's global pool (then every session must use it)."""
+    return bool(_pool)
 
 
 def has_vnni() -> bool:
@@ -46,13 +74,17 @@ class OnnxClassifier:
         max_length: int,
         intra_op_threads: int = 0,
         session_config: dict[str, str] | None = None,
+        shared_threads: bool = False,
     ):
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
         options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads  # 0: one per core
-        options.inter_op_num_threads = 1
+        if shared_threads:  # the process's one pool (shared_pool): its threads, not ours
+            options.use_per_session_threads = False
+        else:
+            options.intra_op_num_threads = intra_op_threads  # 0: one per core
+            options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         for key, value in (session_config or {}).items():
             options.add_session_config_entry(key, value)

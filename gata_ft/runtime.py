@@ -32,7 +32,7 @@ from gata_ft.artifact import (
 )
 from gata_ft.artifact import verify_files as check_files
 from gata_ft.errors import ArtifactError, GataError
-from gata_ft.inference import STOP_SPINNING, OnnxClassifier, has_vnni
+from gata_ft.inference import STOP_SPINNING, OnnxClassifier, has_vnni, pool_made, shared_pool
 from gata_ft.metrics import softmax, unsure
 from gata_ft.scope import Scope
 
@@ -80,6 +80,7 @@ class Model:
         normalize=True,
         verify_files: bool = True,
         escalate: bool | None = None,
+        shared_threads: bool = False,
     ):
         self.folder = Path(folder)
         info = ArtifactInfo.read(self.folder)
@@ -125,16 +126,19 @@ class Model:
             check_files(self.folder, self.metadata, needed)
         if info.distance_threshold is not None:
             self.scope = Scope.load(self.folder / SCOPE)
-        # the int8 and the fp32 session take turns: neither left spinning (see STOP_SPINNING)
-        config = None if self.escalation is None else STOP_SPINNING
+        # the int8 and the fp32 session take turns: one pool for both where the process
+        # owns its sessions, else neither left spinning (see STOP_SPINNING)
+        shared = (shared_threads or pool_made()) and shared_pool(threads)
+        config = STOP_SPINNING if self.escalation is not None and not shared else None
         self.classifier = OnnxClassifier(
-            self.folder / self.graph, self.folder / TOKENIZER, self.max_length, threads, config
-        )
+            self.folder / self.graph, self.folder / TOKENIZER, self.max_length, threads, config,
+            shared,
+        )  # fmt: skip
         self.second = None
         if self.escalation is not None:
             self.second = OnnxClassifier(
                 self.folder / self.escalation[0], self.folder / TOKENIZER, self.max_length,
-                threads, config,
+                threads, config, shared,
             )  # fmt: skip
 
     @classmethod
@@ -147,6 +151,7 @@ class Model:
         normalize=True,
         verify_files=True,
         escalate=None,
+        shared_threads=False,
     ):
         """Load a model.tar.gz (extracting only what inference needs) or an extracted folder.
 
@@ -155,7 +160,11 @@ class Model:
         metadata.json unless `verify_files` is false. When the served int8 graph names
         an escalation (serve.escalate), tickets it is unsure of are scored again by
         the fp32 graph, as the parity gate measured; `escalate=False` (or, when
-        not given, GATA_ESCALATE=0) serves the int8 graph alone.
+        not given, GATA_ESCALATE=0) serves the int8 graph alone. `shared_threads`:
+        the sessions use the process's one onnxruntime pool (made with `threads` by
+        the first such load), for a process that owns all its onnxruntime sessions
+        (the server): once that pool exists, onnxruntime refuses sessions with their
+        own pool, so every later load in the process shares it too.
         """
         path = Path(path)
         nested = path / "model.tar.gz"
@@ -166,13 +175,16 @@ class Model:
             scratch = tempfile.TemporaryDirectory(prefix="gata-ft-model-")
             try:
                 safe_extract(path, Path(scratch.name), only=set(RUNTIME_FILES))
-                model = cls(Path(scratch.name), graph, threads, normalize, verify_files, escalate)
+                model = cls(
+                    Path(scratch.name), graph, threads, normalize, verify_files, escalate,
+                    shared_threads,
+                )  # fmt: skip
             except BaseException:
                 scratch.cleanup()
                 raise
             model._scratch = scratch  # removed with the model, or by close()
         elif path.is_dir():
-            model = cls(path, graph, threads, normalize, verify_files, escalate)
+            model = cls(path, graph, threads, normalize, verify_files, escalate, shared_threads)
         else:
             raise ArtifactError(f"{path}: no such model (a model.tar.gz or its extracted folder)")
         if verify_golden:

@@ -345,5 +345,6 @@ def worker_app() -> Starlette:
         graph=os.environ.get("GATA_SERVE_GRAPH", "serve"),
         threads=int(os.environ.get("GATA_SERVE_THREADS", "0")),
         verify_files=False,  # the parent checked this folder before starting the workers
+        shared_threads=True,  # a worker process owns its sessions: one onnxruntime pool
     )
     return create_app(model, Settings.from_env())

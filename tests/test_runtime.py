@@ -49,20 +49,52 @@ def test_predictions_equal_the_export_stage_onnx_predictions(trained_artifact, m
     assert model.graph == (serve["vnni"]["graph"] if has_vnni() else serve["graph"])
 
 
-def test_the_two_escalation_sessions_never_spin_against_each_other(trained_artifact):
-    def stopping(classifier):
-        options = classifier.session.get_session_options()
+POOLS = """
+import json, sys
+from gata_ft.runtime import Model
+
+def pools(model):
+    sessions = [c.session.get_session_options() for c in (model.classifier, model.second)]
+
+    def stopping(options):
         try:
             return options.get_session_config_entry("session.force_spinning_stop") == "1"
-        except RuntimeError:  # not set: onnxruntime's default, spinning on
+        except RuntimeError:  # not set: onnxruntime's default
             return False
 
-    folder = trained_artifact["dir"]
-    escalating = Model.load(folder, threads=2)
-    assert stopping(escalating.classifier)
-    assert stopping(escalating.second)
-    alone = Model.load(folder, threads=2, escalate=False)  # one session: as onnxruntime has it
-    assert not stopping(alone.classifier)
+    return [[not o.use_per_session_threads for o in sessions], [stopping(o) for o in sessions]]
+
+folder, case = sys.argv[1], sys.argv[2]
+if case == "taken":  # another part of the process made onnxruntime's pool first
+    import onnxruntime as ort
+    from onnxruntime.capi import _pybind_state
+    _pybind_state.set_global_thread_pool_sizes(1, 1)
+    options = ort.SessionOptions()
+    options.use_per_session_threads = False
+    ort.InferenceSession(folder + "/onnx/model.onnx", options, providers=["CPUExecutionProvider"])
+loads = [Model.load(folder, threads=2, shared_threads=case != "library"),
+         Model.load(folder, threads=1)]  # a later plain load: onnxruntime allows no other pool
+alone = Model.load(folder, escalate=False).classifier.session.get_session_options()
+print(json.dumps([pools(m) for m in loads] + [alone.use_per_session_threads]))
+"""
+
+
+@pytest.mark.parametrize("case", ["library", "server", "taken"])
+def test_the_two_escalation_sessions_never_spin_against_each_other(trained_artifact, case):
+    # onnxruntime's global pool is made once per process: each case in a new process
+    result = subprocess.run(
+        [sys.executable, "-c", POOLS, str(trained_artifact["dir"]), case],
+        capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    first, later, alone_has_its_own = json.loads(result.stdout)
+    shared, neither_spins = [[True, True], [False, False]], [[False, False], [True, True]]
+    if case == "library":  # each session its own pool, stopped after each run
+        assert first == later == neither_spins
+        assert alone_has_its_own  # one session: as onnxruntime makes it
+    else:  # the server's: one pool for both, and for every later load in the process
+        assert first == later == shared
+        assert not alone_has_its_own
 
 
 def test_escalation_can_be_turned_off_and_is_recorded_by_the_gate(trained_artifact,

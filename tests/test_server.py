@@ -400,7 +400,7 @@ def test_workers_get_the_thread_count_and_skip_a_second_file_check(monkeypatch, 
     assert server.worker_app() == "app"
     assert loaded == {"path": str(tmp_path), "graph": "int8",
                       "threads": int(os.environ["GATA_SERVE_THREADS"]),
-                      "verify_files": False}  # fmt: skip
+                      "verify_files": False, "shared_threads": True}  # fmt: skip
 
 
 def test_with_workers_the_parent_frees_its_session_and_passes_threads(trained_artifact,
@@ -433,3 +433,26 @@ def test_with_workers_the_parent_frees_its_session_and_passes_threads(trained_ar
     assert seen["threads"] == 1  # --threads reaches the workers
     assert len(released) == 1
     assert released[0].classifier is None  # the parent's session is gone before they start
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_the_server_shares_one_onnxruntime_pool(trained_artifact, monkeypatch, workers):
+    from click.testing import CliRunner
+
+    from gata_ft import server
+    from gata_ft.cli import cli
+
+    loads = []
+
+    def load(path, **kw):
+        loads.append(kw)
+        raise KeyboardInterrupt  # stop before serving
+
+    monkeypatch.setattr(server.Model, "load", load)
+    CliRunner().invoke(
+        cli, ["serve", str(trained_artifact["tarball"]), "--port", str(_free_port())],
+        env={"SAGEMAKER_MODEL_SERVER_WORKERS": workers},
+    )  # fmt: skip
+    # one worker: this process serves and owns its sessions; with more, each worker
+    # process does (worker_app) and this one only checks the model, then frees it
+    assert loads[0]["shared_threads"] is (workers == "1")
