@@ -45,7 +45,9 @@ engine, folder, texts_file, threads = sys.argv[1], sys.argv[2], sys.argv[3], int
 texts = json.load(open(texts_file))
 if engine != "pipeline":
     from gata_ft.runtime import Model
-    model = Model.load(folder, graph="fp32" if engine == "fp32" else "serve", threads=threads)
+    # a router's process owns its sessions, as the server's does: one onnxruntime pool
+    model = Model.load(folder, graph="fp32" if engine == "fp32" else "serve", threads=threads,
+                       shared_threads=True)
     predict = lambda batch: model.predict(batch)
     predict_one = lambda text: model.predict([text])
 else:

@@ -6,10 +6,13 @@ not import torch, transformers or optimum.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 FEATURES = "features"  # the graphs' second output: the classifier's input (BERT: the pooler)
 
@@ -41,11 +44,17 @@ def shared_pool(threads: int) -> bool:
             _pybind_state.set_global_thread_pool_sizes(threads, 1)
         except AttributeError:  # an onnxruntime without it: sessions keep their own pools
             return False
-        except Exception as e:  # onnxruntime's own error type
-            if "already been created" not in str(e):
+        except Exception as e:  # onnxruntime 1.32's Fail: "Global thread pools have
+            if "already been created" not in str(e):  # already been created, cannot replace them"
                 raise
             threads = -1  # made by another part of this process: its size is not known
         _pool["threads"] = threads
+    elif threads and threads != _pool["threads"]:
+        log.warning(
+            "onnxruntime's shared pool has %s threads (made by the first load); "
+            "threads=%d is not applied",
+            _pool["threads"] if _pool["threads"] > 0 else "its own number of", threads,
+        )  # fmt: skip
     return True
 
 
@@ -74,11 +83,13 @@ class OnnxClassifier:
         max_length: int,
         intra_op_threads: int = 0,
         session_config: dict[str, str] | None = None,
-        shared_threads: bool = False,
+        shared_threads: bool | None = None,
     ):
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
+        if shared_threads is None:  # once the pool exists, onnxruntime allows no other
+            shared_threads = pool_made()
         options = ort.SessionOptions()
         if shared_threads:  # the process's one pool (shared_pool): its threads, not ours
             options.use_per_session_threads = False

@@ -75,7 +75,10 @@ if case == "taken":  # another part of the process made onnxruntime's pool first
 loads = [Model.load(folder, threads=2, shared_threads=case != "library"),
          Model.load(folder, threads=1)]  # a later plain load: onnxruntime allows no other pool
 alone = Model.load(folder, escalate=False).classifier.session.get_session_options()
-print(json.dumps([pools(m) for m in loads] + [alone.use_per_session_threads]))
+from gata_ft.inference import OnnxClassifier  # as the export stage makes its sessions
+direct = OnnxClassifier(folder + "/onnx/model.onnx", folder + "/tokenizer.json", 64, 2)
+own = [alone.use_per_session_threads, direct.session.get_session_options().use_per_session_threads]
+print(json.dumps([pools(m) for m in loads] + [own]))
 """
 
 
@@ -87,14 +90,16 @@ def test_the_two_escalation_sessions_never_spin_against_each_other(trained_artif
         capture_output=True, text=True, cwd=REPO,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    first, later, alone_has_its_own = json.loads(result.stdout)
+    first, later, own_pools = json.loads(result.stdout)
     shared, neither_spins = [[True, True], [False, False]], [[False, False], [True, True]]
     if case == "library":  # each session its own pool, stopped after each run
         assert first == later == neither_spins
-        assert alone_has_its_own  # one session: as onnxruntime makes it
-    else:  # the server's: one pool for both, and for every later load in the process
+        assert own_pools == [True, True]  # one session: as onnxruntime makes it
+    else:  # the server's: one pool for both, and for every later session in the process
         assert first == later == shared
-        assert not alone_has_its_own
+        assert own_pools == [False, False]
+    if case == "server":  # the second load asked for 1 thread, the pool has 2
+        assert "shared pool has 2 threads (made by the first load); threads=1" in result.stderr
 
 
 def test_escalation_can_be_turned_off_and_is_recorded_by_the_gate(trained_artifact,
