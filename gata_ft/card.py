@@ -58,27 +58,26 @@ def _front_matter(metadata: dict) -> list[str]:
 
 def serving(serve: dict) -> str:
     """What the runtime serves, in one line: the graph, why, its VNNI companion and escalation."""
-
-    def escalation(block: dict) -> str:
-        rule = block.get("escalate") or {}
-        if not rule.get("below", 0) > 0:  # 0 or absent: none (as the runtime reads it)
-            return ""
-        return (
-            f"tickets whose int8 top probability is below {rule['below']:g} are scored "
-            f"again by {rule['graph']}"
-        )
-
-    text = f"serving {serve.get('graph')}: {serve.get('reason')}"
+    parts = [f"serving {serve.get('graph')}: {serve.get('reason')}"]
     vnni = serve.get("vnni") or {}
-    if not vnni:
-        return "; ".join(filter(None, [text, escalation(serve)]))
-    text += f"; on CPUs with VNNI {vnni.get('graph')}"
-    if escalation(serve) == escalation(vnni):  # one rule for both, as the recipes set it
-        return "; ".join(filter(None, [text, escalation(serve)]))
-    return "; ".join(
-        filter(None, [text, escalation(serve) and f"{serve.get('graph')}: {escalation(serve)}",
-                      escalation(vnni) and f"{vnni.get('graph')}: {escalation(vnni)}"])
-    )  # fmt: skip
+    if vnni:
+        parts.append(f"on CPUs with VNNI {vnni.get('graph')}")
+    rules = {block.get("graph"): _escalation(block) for block in (serve, vnni) if block}
+    if len(set(rules.values())) == 1:  # one rule for every graph, as the recipes set it
+        parts.append(next(iter(rules.values())))
+    else:
+        parts += [f"{graph}: {rule}" for graph, rule in rules.items() if rule]
+    return "; ".join(part for part in parts if part)
+
+
+def _escalation(block: dict) -> str:
+    rule = block.get("escalate") or {}
+    if not rule.get("below", 0) > 0:  # 0 or absent: none (as the runtime reads it)
+        return ""
+    return (
+        f"tickets whose int8 top probability is below {rule['below']:g} are scored again "
+        f"by {rule['graph']}"
+    )
 
 
 def render(metadata: dict) -> str:

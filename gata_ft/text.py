@@ -22,7 +22,7 @@ def allowed(char: str, pattern: str) -> bool:
     return _allowed(char, pattern)
 
 
-@lru_cache(maxsize=TABLE_LIMIT)
+@lru_cache(maxsize=4096)
 def _allowed(char: str, pattern: str) -> bool:
     return _compiled(pattern).fullmatch(char) is not None
 
@@ -47,7 +47,8 @@ _NOT_COMBINING = _Table(lambda c: "" if unicodedata.combining(c) else c)
 
 @lru_cache(maxsize=8)
 def _spaces_for_disallowed(pattern: str) -> _Table:
-    return _Table(lambda c: c if _allowed(c, pattern) else " ")
+    matches = _compiled(pattern).fullmatch  # the table is the cache: no second one
+    return _Table(lambda c: c if matches(c) else " ")
 
 
 def normalize(text: str, pattern: str) -> str:
