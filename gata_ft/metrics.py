@@ -35,9 +35,9 @@ def softmax(logits, temperature: float = 1.0) -> np.ndarray:
         scaled = scaled.astype(np.float64)
     if temperature != 1.0:
         scaled = scaled / temperature
-    shifted = scaled - scaled.max(axis=-1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=-1, keepdims=True)
+    exp = np.exp(scaled - scaled.max(axis=-1, keepdims=True))
+    exp /= exp.sum(axis=-1, keepdims=True)
+    return exp
 
 
 def unsure(probabilities, below: float) -> np.ndarray:

@@ -39,6 +39,8 @@ def test_whitening_equals_the_direct_distance():
         np.min([np.einsum("ij,jk,ik->i", new - m, precision, new - m) for m in means], axis=0)
     )
     np.testing.assert_allclose(scope.distance(new), direct, rtol=1e-4)
+    # distance's shortcut (|z|^2 added after the minimum) gives squared's figures exactly
+    np.testing.assert_array_equal(scope.distance(new), np.sqrt(scope.squared(new).min(1)))
 
 
 def test_saved_statistics_load_back_and_are_checked(tmp_path):
