@@ -28,6 +28,15 @@ FEATURES = "features"  # the graphs' second output: the classifier's input (BERT
 # session of the process that has its own pool: only a process that owns all its
 # sessions (the server) asks for it (shared_pool).
 STOP_SPINNING = {"session.force_spinning_stop": "1"}
+
+# onnxruntime 1.32's SkipLayerNormalization kernel (the residual add and layer norm
+# fused) is several times slower on a CPU than the Add and LayerNormalization it
+# replaces: 1 x 14 x 384, one thread, 23 us against 2.7 us. The export keeps them
+# apart (onnx.optimize) and every session is told not to fuse them again. BANKING77
+# MiniLM, batch 1, Intel Xeon (AMX), 2 threads: the VNNI graph 0.97 -> 0.88 ms, the
+# portable one 1.44 -> 1.24 ms; the fp32 graph, which onnxruntime leaves unfused
+# anyway, 1.93 -> 1.97 ms (noise). A graph exported fused before keeps its fused nodes.
+UNFUSED = ["SkipLayerNormFusion"]  # onnxruntime's names of the fusions it must not apply
 _pool: dict[str, int] = {}  # {"threads": n} once this module made onnxruntime's global pool
 
 
@@ -56,6 +65,17 @@ def shared_pool(threads: int) -> bool:
             _pool["threads"] if _pool["threads"] > 0 else "its own number of", threads,
         )  # fmt: skip
     return True
+
+
+def session(graph: Path | str | bytes, options=None):
+    """An onnxruntime CPU session of `graph` (a path or the serialized model), unfused as
+    UNFUSED says: every session of gata-ft runs the graphs the way the runtime does."""
+    import onnxruntime as ort
+
+    source = graph if isinstance(graph, bytes) else str(graph)
+    return ort.InferenceSession(
+        source, options, providers=["CPUExecutionProvider"], disabled_optimizers=UNFUSED
+    )
 
 
 def pool_made() -> bool:
@@ -99,7 +119,7 @@ class OnnxClassifier:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         for key, value in (session_config or {}).items():
             options.add_session_config_entry(key, value)
-        self.session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+        self.session = session(graph, options)
         self.input_names = [i.name for i in self.session.get_inputs()]
         outputs = {o.name for o in self.session.get_outputs()}
         # graphs exported before gata-ft 0.2 have logits only
@@ -114,6 +134,13 @@ class OnnxClassifier:
         """Token ids for a batch, padded to its longest text: exactly the graph's inputs."""
         encodings = self.tokenizer.encode_batch(list(texts))
         width = max(len(e.ids) for e in encodings)
+        if all(len(e.ids) == width for e in encodings):  # one text at a time: nothing to pad
+            rows = {
+                "input_ids": [e.ids for e in encodings],
+                "attention_mask": [e.attention_mask for e in encodings],
+                "token_type_ids": [e.type_ids for e in encodings],
+            }
+            return {name: np.array(rows[name], dtype=np.int64) for name in self.input_names}
         shape = (len(encodings), width)
         arrays = {
             "input_ids": np.full(shape, self._pad_id, dtype=np.int64),
@@ -139,6 +166,10 @@ class OnnxClassifier:
         self, texts: Sequence[str], batch_size: int = 32
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """(logits, features) one row per text, in the order given; features None if absent."""
+        if len(texts) <= batch_size:  # one run: its outputs as they come
+            outputs = self.session.run(self.output_names, self.encode(texts))
+            features = outputs[-1].astype(np.float32, copy=False) if self.has_features else None
+            return outputs[0].astype(np.float32, copy=False), features
         logits, features = [], []
         for start in range(0, len(texts), batch_size):
             feed = self.encode(texts[start : start + batch_size])

@@ -25,6 +25,18 @@ def test_training_job_tarball_holds_both_formats(trained_artifact):
     assert "ONNX int8 avx512_vnni (base)" in trained_artifact["log"]  # the companion, gated too
 
 
+def test_int8_graphs_keep_the_residual_add_apart_from_its_layer_norm(trained_artifact):
+    import onnx
+
+    graphs = sorted((trained_artifact["dir"] / "onnx").glob("model_quantized*.onnx"))
+    assert graphs
+    for graph in graphs:
+        ops = {n.op_type for n in onnx.load(str(graph), load_external_data=False).graph.node}
+        assert "BiasGelu" in ops, graph.name  # onnxruntime's fusions ran
+        assert "LayerNormalization" in ops, graph.name
+        assert "SkipLayerNormalization" not in ops, graph.name
+
+
 def test_onnx_graphs_match_pytorch_on_fixed_inputs(trained_artifact):
     folder = trained_artifact["dir"]
     reference = torch_logits(folder, FIXED, max_length=64)

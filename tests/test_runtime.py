@@ -15,7 +15,7 @@ from gata_ft.archive import safe_extract
 from gata_ft.cli import cli
 from gata_ft.errors import ArtifactError
 from gata_ft.export.reference import onnx_logits
-from gata_ft.inference import has_vnni
+from gata_ft.inference import has_vnni, session
 from gata_ft.metrics import softmax
 from gata_ft.runtime import InputError, Model
 
@@ -80,6 +80,36 @@ direct = OnnxClassifier(folder + "/onnx/model.onnx", folder + "/tokenizer.json",
 own = [alone.use_per_session_threads, direct.session.get_session_options().use_per_session_threads]
 print(json.dumps([pools(m) for m in loads] + [own]))
 """
+
+
+def test_sessions_keep_the_residual_add_apart_from_its_layer_norm(tmp_path):
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    width = 8
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["x", "skip"], ["sum"]),
+            helper.make_node("LayerNormalization", ["sum", "gamma", "beta"], ["y"], axis=-1),
+        ],
+        "residual",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 3, width]) for n in ("x", "skip")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.ones(width, np.float32), "gamma"),
+         numpy_helper.from_array(np.zeros(width, np.float32), "beta")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    def ops(make) -> set[str]:
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+        make(model.SerializeToString(), options)
+        return {n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+
+    fused = ops(lambda m, o: ort.InferenceSession(m, o, providers=["CPUExecutionProvider"]))
+    assert "SkipLayerNormalization" in fused  # onnxruntime's own choice: the slow kernel
+    assert ops(session) == {"Add", "LayerNormalization"}
 
 
 @pytest.mark.parametrize("case", ["library", "server", "taken"])
@@ -150,6 +180,17 @@ def test_the_vnni_graph_is_chosen_by_the_cpu_and_can_be_overridden(trained_artif
     monkeypatch.setenv("GATA_GRAPH", "int8-vnni")
     assert Model.load(folder).graph == "onnx/model_quantized_vnni.onnx"
     assert Model.load(folder, graph="fp32").graph == "onnx/model.onnx"  # an explicit choice wins
+
+
+def test_one_text_is_encoded_as_in_a_padded_batch(model):
+    short, long = "card lost", "my card was lost abroad and the bank app shows nothing"
+    alone, batch = model.classifier.encode([short]), model.classifier.encode([short, long])
+    width = alone["input_ids"].shape[1]
+    assert batch["input_ids"].shape[1] > width
+    assert batch["attention_mask"][0, width:].sum() == 0  # padding after the short text
+    for name, array in alone.items():
+        assert array.dtype == np.int64
+        np.testing.assert_array_equal(array[0], batch[name][0, :width])
 
 
 def test_predict_returns_queue_ids_and_top_k(model):

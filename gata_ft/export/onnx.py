@@ -13,7 +13,7 @@ import numpy as np
 
 from gata_ft.errors import ExportError
 from gata_ft.export.recipe import Variant
-from gata_ft.inference import FEATURES
+from gata_ft.inference import FEATURES, session
 
 log = logging.getLogger("gata_ft")
 # Files Optimum writes beside the graph that a loader of onnx/ needs.
@@ -87,10 +87,12 @@ def add_features_output(graph: Path) -> int:
 
 
 def optimize(onnx_dir: Path, level: int, work: Path, fuse_attention: bool = True) -> Path:
-    """ORT transformer fusions (attention, skip layer norm, bias GELU) before quantization.
+    """ORT transformer fusions (attention, layer norm, bias GELU) before quantization.
 
     With `fuse_attention`, onnxruntime runs int8 attention (QAttention): faster,
-    but its packed Q/K/V weights share one scale, which costs accuracy.
+    but its packed Q/K/V weights share one scale, which costs accuracy. The
+    residual add stays apart from its layer norm: onnxruntime's fused kernel is
+    the slower one on a CPU (inference.UNFUSED).
     """
     if level == 0:
         return onnx_dir / "model.onnx"
@@ -104,6 +106,8 @@ def optimize(onnx_dir: Path, level: int, work: Path, fuse_attention: bool = True
         optimization_level=level,
         optimize_for_gpu=False,
         disable_attention_fusion=not fuse_attention,
+        disable_skip_layer_norm_fusion=True,
+        disable_bias_skip_layer_norm_fusion=True,
     )
     optimizer.optimize(config, save_dir=work, file_suffix="optimized")
     # The quantizer needs every tensor's type; ONNX's own shape inference stops at
@@ -158,7 +162,6 @@ def most_sensitive_nodes(
     output exposed; a node's own damage is how much its relative error grows.
     """
     import onnx
-    import onnxruntime as ort
 
     model = onnx.load(str(fp32))
     nodes = [
@@ -176,10 +179,7 @@ def most_sensitive_nodes(
         for name in names:
             if name not in existing:
                 graph.graph.output.append(onnx.ValueInfoProto(name=name))
-        session = ort.InferenceSession(
-            graph.SerializeToString(), providers=["CPUExecutionProvider"]
-        )
-        outputs = session.run(names, feed)
+        outputs = session(graph.SerializeToString()).run(names, feed)
         return dict(zip(names, outputs, strict=True))
 
     reference, quantized = run(fp32), run(int8)
