@@ -31,11 +31,12 @@ STOP_SPINNING = {"session.force_spinning_stop": "1"}
 
 # onnxruntime 1.32's SkipLayerNormalization kernel (the residual add and layer norm
 # fused) is several times slower on a CPU than the Add and LayerNormalization it
-# replaces: 1 x 14 x 384, one thread, 23 us against 2.7 us. The export keeps them
-# apart (onnx.optimize) and every session is told not to fuse them again. BANKING77
-# MiniLM, batch 1, Intel Xeon (AMX), 2 threads: the VNNI graph 0.97 -> 0.88 ms, the
-# portable one 1.44 -> 1.24 ms; the fp32 graph, which onnxruntime leaves unfused
-# anyway, 1.93 -> 1.97 ms (noise). A graph exported fused before keeps its fused nodes.
+# replaces: 1 x 14 x 384, one thread, 28.2 us against 8.2 us a call (5.5 us of each is
+# the call itself). The export keeps them apart (onnx.optimize) and every session is
+# told not to fuse them again. BANKING77 MiniLM exported both ways, batch 1, Intel Xeon
+# (AMX), 2 threads: the VNNI graph 0.93-0.96 -> 0.82-0.83 ms, the portable one
+# 1.23-1.28 -> 1.13-1.14 ms; the fp32 graph, which onnxruntime leaves unfused anyway,
+# 1.93 -> 1.97 ms (noise). A graph exported fused before keeps its fused nodes.
 UNFUSED = ["SkipLayerNormFusion"]  # onnxruntime's names of the fusions it must not apply
 _pool: dict[str, int] = {}  # {"threads": n} once this module made onnxruntime's global pool
 

@@ -56,8 +56,9 @@ class Scope:
 
     @cached_property
     def _minus_twice_means(self) -> np.ndarray:
-        # (d, K), contiguous: z @ it is -2 z.mu_k exactly (scaling by 2 rounds nothing)
-        return np.ascontiguousarray(-2 * self.means.T.astype(np.float32))
+        # (d, K), laid out as means.T (BLAS sums in the same order): z @ it is -2 z.mu_k
+        # exactly, since scaling by 2 rounds nothing
+        return np.ascontiguousarray(-2 * self.means.astype(np.float32)).T
 
     def squared(self, features) -> np.ndarray:
         """(n, K): squared Mahalanobis distance of each row to each class mean (float32)."""

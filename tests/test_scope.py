@@ -39,8 +39,21 @@ def test_whitening_equals_the_direct_distance():
         np.min([np.einsum("ij,jk,ik->i", new - m, precision, new - m) for m in means], axis=0)
     )
     np.testing.assert_allclose(scope.distance(new), direct, rtol=1e-4)
-    # distance's shortcut (|z|^2 added after the minimum) gives squared's figures exactly
-    np.testing.assert_array_equal(scope.distance(new), np.sqrt(scope.squared(new).min(1)))
+
+
+def test_distance_gives_the_figures_of_the_plain_formula_one_ticket_at_a_time():
+    # as the runtime scores: one row at a time, 384 features, 77 queues (BLAS's
+    # matrix-vector path, whose summation order follows the matrix's layout)
+    rng = np.random.default_rng(1)
+    whitening = rng.normal(size=(384, 384)).astype(np.float32) / 20
+    means = rng.normal(size=(77, 384)).astype(np.float32)
+    scope = Scope(whitening, means, np.arange(77))
+    for row in rng.normal(size=(300, 1, 384)).astype(np.float32) * 3:
+        z = row @ whitening
+        plain = (means**2).sum(1) - 2 * (z @ means.T) + (z * z).sum(1, keepdims=True)
+        expected = np.sqrt(np.maximum(plain, 0.0).min(1))
+        np.testing.assert_array_equal(scope.distance(row), expected)
+        np.testing.assert_array_equal(scope.squared(row), np.maximum(plain, 0.0))
 
 
 def test_saved_statistics_load_back_and_are_checked(tmp_path):
