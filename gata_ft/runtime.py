@@ -32,7 +32,14 @@ from gata_ft.artifact import (
 )
 from gata_ft.artifact import verify_files as check_files
 from gata_ft.errors import ArtifactError, GataError
-from gata_ft.inference import STOP_SPINNING, OnnxClassifier, has_vnni, pool_made, shared_pool
+from gata_ft.inference import (
+    STOP_SPINNING,
+    UNFUSED,
+    OnnxClassifier,
+    has_vnni,
+    pool_made,
+    shared_pool,
+)
 from gata_ft.metrics import softmax, unsure
 from gata_ft.scope import Scope
 
@@ -67,6 +74,12 @@ class Prediction:
                 {"label": str(label), "probability": round(p, 6)} for label, p in self.top_k
             ]
         return result
+
+
+def _exported_unfused(metadata: dict) -> bool:
+    """Whether the export left out every fusion this runtime leaves out (onnx.unfused)."""
+    recorded = (metadata.get("onnx") or {}).get("unfused")
+    return isinstance(recorded, list) and set(UNFUSED) <= set(recorded)
 
 
 class Model:
@@ -126,6 +139,13 @@ class Model:
             check_files(self.folder, self.metadata, needed)
         if info.distance_threshold is not None:
             self.scope = Scope.load(self.folder / SCOPE)
+        if self.graph != GRAPHS["fp32"] and not _exported_unfused(self.metadata):
+            log.info(
+                "%s was exported with onnxruntime's fused SkipLayerNormalization, whose CPU "
+                "kernel is the slower one (the int8 graph ~10%% slower at batch 1): "
+                "`gata-ft export MODEL -o NEW.tar.gz --test DIR` exports it again",
+                self.folder,
+            )
         # the int8 and the fp32 session take turns: one pool for both where the process
         # owns its sessions, else neither left spinning (see STOP_SPINNING)
         shared = (shared_threads or pool_made()) and shared_pool(threads)

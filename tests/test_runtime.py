@@ -171,6 +171,32 @@ def test_a_changed_fp32_graph_is_refused_when_escalation_needs_it(tmp_path, trai
     assert Model.load(folder, escalate=False).second is None  # int8 alone never reads it
 
 
+def test_a_model_exported_with_the_fused_layer_norm_is_served_with_a_notice(
+    tmp_path, trained_artifact, caplog
+):
+    import shutil
+
+    exported = json.loads((trained_artifact["dir"] / "metadata.json").read_text())
+    assert exported["onnx"]["unfused"] == ["SkipLayerNormFusion"]
+    with caplog.at_level("INFO", logger="gata_ft"):
+        Model.load(trained_artifact["dir"])
+    assert "SkipLayerNormalization" not in caplog.text
+    folder = tmp_path / "model"
+    shutil.copytree(trained_artifact["dir"], folder)
+    metadata = json.loads((folder / "metadata.json").read_text())
+    del metadata["onnx"]["unfused"]  # as every export before it
+    (folder / "metadata.json").write_text(json.dumps(metadata))
+    with caplog.at_level("INFO", logger="gata_ft"):
+        model = Model.load(folder)
+    assert "fused SkipLayerNormalization" in caplog.text
+    assert "gata-ft export MODEL -o NEW.tar.gz --test DIR" in caplog.text
+    assert model.predict(FIXED[:1])[0].label in model.labels  # it still serves
+    caplog.clear()
+    with caplog.at_level("INFO", logger="gata_ft"):
+        Model.load(folder, graph="fp32")  # onnxruntime never fused the fp32 graph
+    assert "SkipLayerNormalization" not in caplog.text
+
+
 def test_the_vnni_graph_is_chosen_by_the_cpu_and_can_be_overridden(trained_artifact, monkeypatch):
     import gata_ft.runtime as runtime
 

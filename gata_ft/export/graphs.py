@@ -27,6 +27,7 @@ from gata_ft.export.parity import (
     variant_record,
 )
 from gata_ft.export.recipe import Recipe
+from gata_ft.inference import UNFUSED
 
 
 def add_onnx(
@@ -84,6 +85,7 @@ def add_onnx(
             "graphs": graphs,
             "quantization": chosen,
             "golden": golden,
+            "unfused": list(UNFUSED),  # the runtime notices a model exported before this
         },
         "serve": serve,
         "parity": parity,
