@@ -79,7 +79,7 @@ class Prediction:
 def _exported_unfused(metadata: dict) -> bool:
     """Whether the export left out every fusion this runtime leaves out (onnx.unfused)."""
     recorded = (metadata.get("onnx") or {}).get("unfused")
-    return isinstance(recorded, list) and set(UNFUSED) <= set(recorded)
+    return isinstance(recorded, list) and all(name in recorded for name in UNFUSED)
 
 
 class Model:

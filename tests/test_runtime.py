@@ -195,6 +195,11 @@ def test_a_model_exported_with_the_fused_layer_norm_is_served_with_a_notice(
     with caplog.at_level("INFO", logger="gata_ft"):
         Model.load(folder, graph="fp32")  # onnxruntime never fused the fp32 graph
     assert "SkipLayerNormalization" not in caplog.text
+    metadata["onnx"]["unfused"] = [{"hostile": []}, 7]  # not names: a notice, no traceback
+    (folder / "metadata.json").write_text(json.dumps(metadata))
+    with caplog.at_level("INFO", logger="gata_ft"):
+        Model.load(folder)
+    assert "fused SkipLayerNormalization" in caplog.text
 
 
 def test_the_vnni_graph_is_chosen_by_the_cpu_and_can_be_overridden(trained_artifact, monkeypatch):
