@@ -135,25 +135,12 @@ class OnnxClassifier:
         """Token ids for a batch, padded to its longest text: exactly the graph's inputs."""
         encodings = self.tokenizer.encode_batch(list(texts))
         width = max(len(e.ids) for e in encodings)
-        if all(len(e.ids) == width for e in encodings):  # one text at a time: nothing to pad
-            rows = {
-                "input_ids": [e.ids for e in encodings],
-                "attention_mask": [e.attention_mask for e in encodings],
-                "token_type_ids": [e.type_ids for e in encodings],
-            }
-            return {name: np.array(rows[name], dtype=np.int64) for name in self.input_names}
-        shape = (len(encodings), width)
-        arrays = {
-            "input_ids": np.full(shape, self._pad_id, dtype=np.int64),
-            "attention_mask": np.zeros(shape, dtype=np.int64),
-            "token_type_ids": np.zeros(shape, dtype=np.int64),
+        columns = {  # each input's rows and what pads them
+            "input_ids": ([e.ids for e in encodings], self._pad_id),
+            "attention_mask": ([e.attention_mask for e in encodings], 0),
+            "token_type_ids": ([e.type_ids for e in encodings], 0),
         }
-        for row, encoding in enumerate(encodings):
-            n = len(encoding.ids)
-            arrays["input_ids"][row, :n] = encoding.ids
-            arrays["attention_mask"][row, :n] = encoding.attention_mask
-            arrays["token_type_ids"][row, :n] = encoding.type_ids
-        return {name: arrays[name] for name in self.input_names}
+        return {name: _padded(*columns[name], width) for name in self.input_names}
 
     def logits(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
         """Raw scores, one row per text, in the order given."""
@@ -167,18 +154,22 @@ class OnnxClassifier:
         self, texts: Sequence[str], batch_size: int = 32
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """(logits, features) one row per text, in the order given; features None if absent."""
-        if len(texts) <= batch_size:  # one run: its outputs as they come
-            outputs = self.session.run(self.output_names, self.encode(texts))
-            features = outputs[-1].astype(np.float32, copy=False) if self.has_features else None
-            return outputs[0].astype(np.float32, copy=False), features
-        logits, features = [], []
-        for start in range(0, len(texts), batch_size):
-            feed = self.encode(texts[start : start + batch_size])
-            outputs = self.session.run(self.output_names, feed)
-            logits.append(outputs[0])
-            features.append(outputs[-1])
-        stacked = np.concatenate(features).astype(np.float32) if self.has_features else None
-        return np.concatenate(logits).astype(np.float32), stacked
+        runs = [
+            self.session.run(self.output_names, self.encode(texts[start : start + batch_size]))
+            for start in range(0, len(texts), batch_size)
+        ]
+        features = _joined([r[-1] for r in runs]) if self.has_features else None
+        return _joined([r[0] for r in runs]), features
+
+
+def _padded(rows: list[list[int]], fill: int, width: int) -> np.ndarray:
+    return np.array([row + [fill] * (width - len(row)) for row in rows], dtype=np.int64)
+
+
+def _joined(parts: list[np.ndarray]) -> np.ndarray:
+    """The batches' outputs as one float32 array (one batch, the most common: as it came)."""
+    whole = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return whole.astype(np.float32, copy=False)
 
 
 def _pad_id(tokenizer) -> int:

@@ -60,11 +60,15 @@ class Scope:
         # exactly, since scaling by 2 rounds nothing
         return np.ascontiguousarray(-2 * self.means.astype(np.float32)).T
 
+    def _terms(self, features) -> tuple[np.ndarray, np.ndarray]:
+        """|mu_k|^2 - 2 z.mu_k (n, K) and |z|^2 (n,): their sum is the squared distance."""
+        z = np.asarray(features, dtype=np.float32) @ self.whitening
+        return z @ self._minus_twice_means + self._norms, (z * z).sum(1)
+
     def squared(self, features) -> np.ndarray:
         """(n, K): squared Mahalanobis distance of each row to each class mean (float32)."""
-        z = np.asarray(features, dtype=np.float32) @ self.whitening
-        squared = (z @ self._minus_twice_means + self._norms) + (z * z).sum(1, keepdims=True)
-        return np.maximum(squared, 0.0)
+        per_mean, own = self._terms(features)
+        return np.maximum(per_mean + own[:, None], 0.0)
 
     def distance(self, features) -> np.ndarray:
         """(n,): distance to the nearest class mean; larger is farther from every queue.
@@ -72,9 +76,8 @@ class Scope:
         The same figures as sqrt(squared.min(1)) in fewer steps: |z|^2 is the same for
         every mean, so it is added after the minimum (rounding keeps the order).
         """
-        z = np.asarray(features, dtype=np.float32) @ self.whitening
-        nearest = (z @ self._minus_twice_means + self._norms).min(1)
-        return np.sqrt(np.maximum(nearest + (z * z).sum(1), 0.0))
+        per_mean, own = self._terms(features)
+        return np.sqrt(np.maximum(per_mean.min(1) + own, 0.0))
 
     def save(self, path: Path) -> None:
         # .npz without pickles: np.load(allow_pickle=False) reads it back
