@@ -133,7 +133,12 @@ class OnnxClassifier:
 
     def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """Token ids for a batch, padded to its longest text: exactly the graph's inputs."""
-        encodings = self.tokenizer.encode_batch(list(texts))
+        # encode_batch hands even one text to its worker threads. Right after a model
+        # run, BANKING77 MiniLM, Intel Xeon (AMX): 86 us against 65 us for encode()
+        if len(texts) == 1:
+            encodings = [self.tokenizer.encode(texts[0])]
+        else:
+            encodings = self.tokenizer.encode_batch(list(texts))
         width = max(len(e.ids) for e in encodings)
         columns = {  # each input's rows and what pads them
             "input_ids": ([e.ids for e in encodings], self._pad_id),

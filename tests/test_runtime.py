@@ -226,6 +226,12 @@ def test_one_text_is_encoded_as_in_a_padded_batch(model):
         assert array.dtype == np.int64
         assert array.shape == (1, width)
         np.testing.assert_array_equal(array[0], batch[name][0, :width])
+    # a text over max_length is cut the same way alone (encode) as in a batch (encode_batch)
+    overlong = "cärd lost abroad " * model.max_length
+    alone, batch = model.classifier.encode([overlong]), model.classifier.encode([short, overlong])
+    assert alone["input_ids"].shape == (1, model.max_length)
+    for name, array in alone.items():
+        np.testing.assert_array_equal(array[0], batch[name][1])
 
 
 def test_predict_returns_queue_ids_and_top_k(model):
