@@ -139,7 +139,9 @@ def main() -> None:
         for key, engine in ENGINES.items():
             # every run's 300 tickets: one process's p50 moves by 0.1 ms from run to run
             single = np.concatenate([r["single"] for r in runs[key]]) * 1000
-            http_times, ping_times = (np.concatenate(t) for t in zip(*http[key], strict=True))
+            http_times, ping_times, app, predict = (
+                np.concatenate(t) for t in zip(*http[key], strict=True)
+            )
             results[engine] = {
                 "cold_start_s": float(np.median(cold[key])),
                 "b1_p50_ms": float(np.percentile(single, 50)),
@@ -147,6 +149,10 @@ def main() -> None:
                 "http_p50_ms": float(np.percentile(http_times, 50)),
                 "http_p95_ms": float(np.percentile(http_times, 95)),
                 "ping_p50_ms": float(np.percentile(ping_times, 50)),
+                # from each answer's Server-Timing (gata-ft only): per request, p50
+                "server_predict_p50_ms": _p50(predict),
+                "server_path_p50_ms": _p50(app - predict),  # the app's part outside predict
+                "transport_p50_ms": _p50(http_times - app),  # client, loopback, uvicorn
                 "b32_texts_per_s": float(np.median([r["throughput"] for r in runs[key]])),
                 "peak_rss_mb": max(r["rss_mb"] for r in runs[key]),
             }
@@ -175,6 +181,12 @@ def main() -> None:
         extra = r["http_p50_ms"] - r["b1_p50_ms"]
         print(f"HTTP over the library at p50, {engine}: {extra:+.2f} ms "
               f"(the round trip alone, GET /ping: {r['ping_p50_ms']:.2f} ms)")  # fmt: skip
+    for engine, r in results.items():
+        if r["server_predict_p50_ms"] is not None:
+            print(f"where an HTTP request's time goes, {engine}, p50 (Server-Timing): predict "
+                  f"{r['server_predict_p50_ms']:.2f} ms inside the server (library "
+                  f"{r['b1_p50_ms']:.2f}), the server's own path +{r['server_path_p50_ms']:.2f}, "
+                  f"transport and client +{r['transport_p50_ms']:.2f}")  # fmt: skip
     print(json.dumps(results))
     if args.scope_model.is_file():
         print(scope_overhead(args.scope_model, texts, args.threads))
@@ -226,6 +238,10 @@ def scope_overhead(artifact: Path, texts: list[str], threads: int) -> str:
     )
 
 
+def _p50(values: np.ndarray) -> float | None:
+    return None if np.isnan(values).all() else float(np.percentile(values, 50))
+
+
 def http_latencies(engine: str, folder: Path, texts: list[str], threads: int):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -245,7 +261,7 @@ def http_latencies(engine: str, folder: Path, texts: list[str], threads: int):
                 break
             except OSError:
                 time.sleep(0.1)
-        times, floor = [], []
+        times, floor, app, predict = [], [], [], []
         # one kept-alive connection, as SageMaker's front end keeps them to the container
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         warm_up = len(texts) - 300  # the last ones, first: as the library's run
@@ -254,16 +270,23 @@ def http_latencies(engine: str, folder: Path, texts: list[str], threads: int):
             headers = {"Content-Type": "application/json"}
             started = time.perf_counter()
             connection.request("POST", "/invocations", body, headers)
-            connection.getresponse().read()
+            response = connection.getresponse()
+            response.read()
             if i >= warm_up:
                 times.append((time.perf_counter() - started) * 1000)
+                timing = dict(  # gata-ft: "app;dur=1.334, predict;dur=1.096"; the pipeline none
+                    item.strip().split(";dur=") for item in response.getheader("Server-Timing", "")
+                    .split(",") if ";dur=" in item
+                )  # fmt: skip
+                app.append(float(timing.get("app", "nan")))
+                predict.append(float(timing.get("predict", "nan")))
             started = time.perf_counter()  # the HTTP round trip alone: no model, no JSON
             connection.request("GET", "/ping")
             connection.getresponse().read()
             if i >= warm_up:
                 floor.append((time.perf_counter() - started) * 1000)
         connection.close()
-        return times, floor
+        return times, floor, app, predict
     finally:
         server.terminate()
         server.wait()

@@ -82,6 +82,54 @@ def test_server_round_trip(server, model):
     assert len(body["predictions"][0]["top_k"]) == 2
 
 
+def _timings(header: str) -> dict[str, float]:
+    """{"app": ms, "predict": ms} from a Server-Timing header (W3C: name;dur=ms, ...)."""
+    parts = (item.strip().split(";dur=") for item in header.split(","))
+    return {name: float(value) for name, value in parts}
+
+
+def test_an_answer_says_where_its_time_went(server):
+    request = urllib.request.Request(
+        server + "/invocations", data=json.dumps({"text": FIXED[0]}).encode(), method="POST"
+    )
+    request.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        timings = _timings(response.headers["Server-Timing"])
+    assert set(timings) == {"app", "predict"}
+    assert 0 < timings["predict"] <= timings["app"]
+
+
+def test_server_timing_measures_the_model_apart_from_the_app():
+    """A model that takes 30 ms: predict says at least 30, app at least predict."""
+    import asyncio
+
+    from gata_ft.runtime import Prediction
+    from gata_ft.server import create_app
+
+    class SlowModel:
+        def predict(self, texts, top_k=0):
+            time.sleep(0.03)
+            return [Prediction(7, 0.9) for _ in texts]
+
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b'{"text": "card lost"}', "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/invocations", "query_string": b"",
+             "headers": [(b"content-type", b"application/json")], "root_path": "",
+             "scheme": "http", "server": ("test", 80), "http_version": "1.1"}  # fmt: skip
+    asyncio.run(create_app(SlowModel())(scope, receive, send))
+    start, body = sent
+    assert start["status"] == 200, body
+    assert json.loads(body["body"]) == {"prediction": {"label": "7", "probability": 0.9}}
+    timings = _timings(dict(start["headers"])[b"server-timing"].decode())
+    assert 30 <= timings["predict"] <= timings["app"] < 30 + 1000
+
+
 @pytest.mark.parametrize(
     ("body", "message"),
     [
