@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO   ?= build/demo
 
-.PHONY: demo test test-fast lint lint-container format install clean bench-epoch bench-banking77 bench-export bench-runtime bench-calibration bench-routing bench-validation bench-int8 bench-gpu container-smoke
+.PHONY: demo test test-fast lint lint-container format install clean bench-epoch bench-banking77 bench-export bench-runtime bench-workers bench-calibration bench-routing bench-validation bench-int8 bench-gpu container-smoke
 
 install: $(VENV)/.installed
 
@@ -80,6 +80,9 @@ bench-export: install
 
 bench-runtime: install
 	$(BIN)/python bench/runtime.py
+
+bench-workers: install
+	$(BIN)/python bench/workers.py
 
 # Build the image and run the README's container commands (docker, else podman).
 container-smoke:

@@ -9,6 +9,9 @@ it on a small serverless endpoint. A test checks that in a fresh interpreter.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import json
 import logging
 import os
@@ -74,6 +77,17 @@ class Prediction:
                 {"label": str(label), "probability": round(p, 6)} for label, p in self.top_k
             ]
         return result
+
+
+def _trim_heap() -> None:
+    """Hand freed heap pages back to the system (glibc's malloc_trim).
+
+    Without it the memory of dropped sessions stays resident: the parent of
+    2 server workers, BANKING77 MiniLM with escalation, kept 127 MB (PSS) after
+    releasing its sessions, 54 MB with it (bench/workers.py).
+    """
+    with contextlib.suppress(OSError, AttributeError):  # not glibc (musl, macOS): it stays
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def _exported_unfused(metadata: dict) -> bool:
@@ -212,8 +226,11 @@ class Model:
         return model
 
     def release_session(self) -> None:
-        """Free the onnxruntime sessions (their memory); the folder stays for other processes."""
+        """Free the onnxruntime sessions and give their memory back to the system; the
+        folder stays for other processes (the server's workers load their own)."""
         self.classifier = self.second = None
+        gc.collect()
+        _trim_heap()
 
     def close(self) -> None:
         """Remove the folder a tarball was extracted to (nothing for a folder given)."""
