@@ -17,16 +17,15 @@ import argparse
 import http.client
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from machine import describe
+from serving import free_port, wait_for_ping
 
 REPO = Path(__file__).resolve().parent.parent
 WORK = REPO / "build" / "bench" / "banking77"
@@ -60,14 +59,13 @@ def main() -> None:
         print(f"{workers:<9}{processes:>10}{rss:>7.0f}MB{pss:>7.0f}MB{peak:>12.0f}MB{rate:>11.0f}")
     (_, _, _, pss1, _, rate1), (_, _, _, pss2, _, rate2) = rows
     print(f"2 workers / 1: memory (PSS) {pss2 / pss1:.2f}x, throughput {rate2 / rate1:.2f}x; "
-          f"a 2 GB endpoint holds 2 workers with {2048 - pss2:.0f} MB to spare")  # fmt: skip
+          f"at rest after single requests a 2 GB endpoint holds 2 workers with "
+          f"{2048 - pss2:.0f} MB to spare (batches take more)")  # fmt: skip
 
 
 def measure(folder: Path, workers: int, texts: list[str]):
     """(processes, RSS MB, PSS MB, largest per-process peak MB, tickets/s) of one server."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "SAGEMAKER_MODEL_SERVER_WORKERS": str(workers)}
     command = [sys.executable, "-m", "gata_ft", "serve", str(folder), "--host", "127.0.0.1",
                "--port", str(port)]  # fmt: skip
@@ -75,14 +73,7 @@ def measure(folder: Path, workers: int, texts: list[str]):
         command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            sys.exit(f"the server with {workers} workers did not start")
+        wait_for_ping(port, server)
 
         def client(part: list[str]) -> None:
             connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
@@ -102,6 +93,10 @@ def measure(folder: Path, workers: int, texts: list[str]):
             rate = len(texts) / (time.perf_counter() - started)
         tree = [server.pid, *descendants(server.pid)]
         memory = [status(pid) for pid in tree]
+        for pid, m in zip(tree, memory, strict=True):
+            role = "gata-ft serve" if pid == server.pid else role_of(pid)
+            print(f"  {workers} worker(s): pid {pid} {role}: PSS {m['Pss'] / 1024:.0f} MB, "
+                  f"peak {m['VmHWM'] / 1024:.0f} MB")  # fmt: skip
         rss = sum(m["Rss"] for m in memory) / 1024
         pss = sum(m["Pss"] for m in memory) / 1024
         return len(tree), rss, pss, max(m["VmHWM"] for m in memory) / 1024, rate
@@ -125,6 +120,14 @@ def descendants(pid: int) -> list[int]:
         found.append(child)
         queue.extend(children.get(child, []))
     return found
+
+
+def role_of(pid: int) -> str:
+    """What a process of the server's tree is, from its command line."""
+    command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    if "resource_tracker" in command:
+        return "multiprocessing's resource tracker"
+    return "worker" if "spawn_main" in command else command[:60]
 
 
 def status(pid: int) -> dict[str, int]:

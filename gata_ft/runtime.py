@@ -84,9 +84,10 @@ def _trim_heap() -> None:
 
     Without it the memory of dropped sessions stays resident: the parent of
     2 server workers, BANKING77 MiniLM with escalation, kept 127 MB (PSS) after
-    releasing its sessions, 54 MB with it (bench/workers.py).
+    releasing its sessions, 52 to 54 MB with it (bench/workers.py).
     """
-    with contextlib.suppress(OSError, AttributeError):  # not glibc (musl, macOS): it stays
+    # not glibc (musl, macOS: AttributeError; Windows: TypeError): the memory stays mapped
+    with contextlib.suppress(OSError, AttributeError, TypeError):
         ctypes.CDLL(None).malloc_trim(0)
 
 
@@ -226,8 +227,8 @@ class Model:
         return model
 
     def release_session(self) -> None:
-        """Free the onnxruntime sessions and give their memory back to the system; the
-        folder stays for other processes (the server's workers load their own)."""
+        """Free the onnxruntime sessions and give their memory back to the system."""
+        # the folder stays: the server's worker processes load their own sessions from it
         self.classifier = self.second = None
         gc.collect()
         _trim_heap()
