@@ -13,6 +13,18 @@ started=$(date +%s)
 if docker info >/dev/null 2>&1; then ENGINE=docker; NET=(); else ENGINE=podman; NET=(--network host); fi
 echo "== engine: $ENGINE"
 
+# A build from changed sources leaves the image its tag had before untagged (2 GB for
+# the training image; a CI machine's disk filled up with them): remove that image and
+# the build layers only it used. Other images, and the layers the new one uses, stay.
+image_id() { "$ENGINE" image inspect --format '{{.Id}}' "$1" 2>/dev/null || true; }
+drop_replaced() {  # tag, the id it had before the build; kept if a container still uses it
+  if [ -n "$2" ] && [ "$2" != "$(image_id "$1")" ] && "$ENGINE" rmi "$2" >/dev/null 2>&1; then
+    echo "== removed $1's previous image ${2:0:19}"
+  fi
+}
+previous=$(image_id "$IMAGE")
+previous_serve=$(image_id "$IMAGE-serve")
+
 # A CPU torch wheel, when one lies on this machine, keeps the smoke build from
 # downloading the CUDA build (several GB); the production image is unchanged.
 build_args=(--build-arg BASE_MODEL=sentence-transformers/all-MiniLM-L6-v2 --build-arg BASE_MODEL_SOURCE=package)
@@ -23,6 +35,7 @@ if [ -n "$wheel" ]; then
   echo "== torch from $wheel"
 fi
 $ENGINE build "${NET[@]}" -t "$IMAGE" "${build_args[@]}" .
+drop_replaced "$IMAGE" "$previous"
 built=$(date +%s)
 
 rm -rf "$WORK" && mkdir -p "$WORK/container" && cp container/endpoint_check.py "$WORK/container/" && cd "$WORK"
@@ -69,6 +82,7 @@ test -z "$(ls bad/model)" || { echo "bad data: the model dir is not empty" >&2; 
 echo "== the serving image: serve the trained model as a SageMaker endpoint does"
 cd - >/dev/null
 $ENGINE build "${NET[@]}" --target serve -t "$IMAGE-serve" .
+drop_replaced "$IMAGE-serve" "$previous_serve"
 cd "$WORK"
 mkdir -p endpoint/model && tar xzf opt_ml/model/model.tar.gz -C endpoint/model  # SageMaker extracts it
 for image in "$IMAGE-serve" "$IMAGE"; do
