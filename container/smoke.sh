@@ -13,17 +13,21 @@ started=$(date +%s)
 if docker info >/dev/null 2>&1; then ENGINE=docker; NET=(); else ENGINE=podman; NET=(--network host); fi
 echo "== engine: $ENGINE"
 
-# A build from changed sources leaves the image its tag had before untagged (2 GB for
-# the training image; a CI machine's disk filled up with them): remove that image and
-# the build layers only it used. Other images, and the layers the new one uses, stay.
+# A build from changed sources leaves the images its tags had before untagged, and the
+# stages the final images copy from (model, serve-builder) are images of their own
+# that nothing tags: 2.6 GB a run, until a CI machine's disk filled up. So each stage
+# is built under a tag too, and the image a tag had before is removed with the build
+# layers only it used; other images, and the layers the new ones use, stay as cache.
 image_id() { "$ENGINE" image inspect --format '{{.Id}}' "$1" 2>/dev/null || true; }
-drop_replaced() {  # tag, the id it had before the build; kept if a container still uses it
-  if [ -n "$2" ] && [ "$2" != "$(image_id "$1")" ] && "$ENGINE" rmi "$2" >/dev/null 2>&1; then
-    echo "== removed $1's previous image ${2:0:19}"
+build() {  # tag, then build arguments; removes what the tag named before
+  local previous
+  previous=$(image_id "$1")
+  $ENGINE build "${NET[@]}" -t "$1" "${@:2}" .
+  if [ -n "$previous" ] && [ "$previous" != "$(image_id "$1")" ] \
+      && "$ENGINE" rmi "$previous" >/dev/null 2>&1; then
+    echo "== removed $1's previous image ${previous:0:19}"
   fi
 }
-previous=$(image_id "$IMAGE")
-previous_serve=$(image_id "$IMAGE-serve")
 
 # A CPU torch wheel, when one lies on this machine, keeps the smoke build from
 # downloading the CUDA build (several GB); the production image is unchanged.
@@ -34,8 +38,8 @@ if [ -n "$wheel" ]; then
   build_args+=(--build-arg TORCH_WHEELS=/wheels)
   echo "== torch from $wheel"
 fi
-$ENGINE build "${NET[@]}" -t "$IMAGE" "${build_args[@]}" .
-drop_replaced "$IMAGE" "$previous"
+build "$IMAGE-model" --target model "${build_args[@]}"
+build "$IMAGE" "${build_args[@]}"
 built=$(date +%s)
 
 rm -rf "$WORK" && mkdir -p "$WORK/container" && cp container/endpoint_check.py "$WORK/container/" && cd "$WORK"
@@ -81,8 +85,8 @@ test -z "$(ls bad/model)" || { echo "bad data: the model dir is not empty" >&2; 
 
 echo "== the serving image: serve the trained model as a SageMaker endpoint does"
 cd - >/dev/null
-$ENGINE build "${NET[@]}" --target serve -t "$IMAGE-serve" .
-drop_replaced "$IMAGE-serve" "$previous_serve"
+build "$IMAGE-serve-builder" --target serve-builder
+build "$IMAGE-serve" --target serve
 cd "$WORK"
 mkdir -p endpoint/model && tar xzf opt_ml/model/model.tar.gz -C endpoint/model  # SageMaker extracts it
 for image in "$IMAGE-serve" "$IMAGE"; do
