@@ -3,7 +3,9 @@ the way the endpoint serves today: cold start, latency through the library and o
 throughput at batch 32 and peak RSS, each engine in fresh processes, side by side,
 and the runtime on the fp32 graph of the same artifact.
 Latencies pool the same 300 tickets of every run (3 processes and 3 servers per
-engine, after 20 warm-up tickets each).
+engine, after 20 warm-up tickets each). Over HTTP the tickets go through a minimal
+keep-alive client (bench/serving.py), and through Python's http.client in blocks between
+(that client's own work costs 0.11 to 0.13 ms a request: not the server's).
 Then the cost of the out-of-scope score: batch-1 latency through the library with
 the score (graph with its features output, Mahalanobis distance) and without it
 (the same graph stripped of that output), interleaved ticket by ticket.
@@ -15,7 +17,6 @@ out-of-scope score the model of `make bench-routing`. Run: make bench-runtime
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import subprocess
@@ -26,11 +27,15 @@ from pathlib import Path
 
 import numpy as np
 from machine import describe
-from serving import free_port, wait_for_ping
+from serving import MinimalClient, StdlibClient, free_port, wait_for_ping
 
 REPO = Path(__file__).resolve().parent.parent
 WORK = REPO / "build" / "bench" / "banking77"
 DATA = REPO.parent / "shared" / "data" / "banking77"
+# the benchmark's clients: the minimal one times the server; http.client, the client of
+# earlier runs, is timed beside it (0.11 to 0.13 ms more CPU a request on the client's side)
+CLIENTS = {"minimal": MinimalClient, "http.client": StdlibClient}
+PARTS = ("http", "ping", "cpu", "app", "predict")
 ENGINES = {  # key: name; "served" is the graph the runtime picks for this CPU
     "served": "gata-ft runtime (ONNX int8)",
     "fp32": "gata-ft runtime, fp32 graph",
@@ -138,29 +143,32 @@ def main() -> None:
         for key, engine in ENGINES.items():
             # every run's 300 tickets: one process's p50 moves by 0.1 ms from run to run
             single = np.concatenate([r["single"] for r in runs[key]]) * 1000
-            http_times, ping_times, app, predict = (
-                np.concatenate(t) for t in zip(*http[key], strict=True)
-            )
+            timed = {part: np.concatenate([h[part] for h in http[key]]) for part in http[key][0]}
+            mine = {part: timed[f"minimal {part}"] for part in PARTS}  # the table's figures
             results[engine] = {
                 "cold_start_s": float(np.median(cold[key])),
                 "b1_p50_ms": float(np.percentile(single, 50)),
                 "b1_p95_ms": float(np.percentile(single, 95)),
-                "http_p50_ms": float(np.percentile(http_times, 50)),
-                "http_p95_ms": float(np.percentile(http_times, 95)),
-                "ping_p50_ms": float(np.percentile(ping_times, 50)),
+                "http_p50_ms": float(np.percentile(mine["http"], 50)),
+                "http_p95_ms": float(np.percentile(mine["http"], 95)),
+                "ping_p50_ms": float(np.percentile(mine["ping"], 50)),
                 # from each answer's Server-Timing (gata-ft only): per request, p50
-                "server_predict_p50_ms": _p50(predict),
-                "handler_p50_ms": _p50(app - predict),  # the handler's own code
-                # client, loopback, uvicorn, and Starlette's routing and sending
-                "transport_p50_ms": _p50(http_times - app),
+                "server_predict_p50_ms": _p50(mine["predict"]),
+                "handler_p50_ms": _p50(mine["app"] - mine["predict"]),  # the handler's own code
+                # loopback, the client's code, uvicorn, and Starlette's routing and sending
+                "transport_p50_ms": _p50(mine["http"] - mine["app"]),
+                "client_cpu_p50_ms": float(np.percentile(mine["cpu"], 50)),
+                # the same servers through http.client, in the blocks between
+                "stdlib_http_p50_ms": float(np.percentile(timed["http.client http"], 50)),
+                "stdlib_ping_p50_ms": float(np.percentile(timed["http.client ping"], 50)),
+                "stdlib_client_cpu_p50_ms": float(np.percentile(timed["http.client cpu"], 50)),
                 "b32_texts_per_s": float(np.median([r["throughput"] for r in runs[key]])),
                 "peak_rss_mb": max(r["rss_mb"] for r in runs[key]),
             }
 
     onnx, torch_ = results[ENGINES["served"]], results[ENGINES["pipeline"]]
-    print(
-        f"BANKING77 MiniLM, {args.threads} threads, model folder extracted from {args.model.name}"
-    )
+    print(f"BANKING77 MiniLM, {args.threads} threads, model folder extracted from "
+          f"{args.model.name}; HTTP through a minimal keep-alive client")  # fmt: skip
     print(f"{'(latencies in ms)':<40}{'cold start':>11}{'lib p50':>9}{'lib p95':>9}"
           f"{'http p50':>10}{'http p95':>10}{'b32 /s':>8}{'peak RSS':>10}")  # fmt: skip
     for engine, r in results.items():
@@ -180,14 +188,25 @@ def main() -> None:
     for engine, r in results.items():
         extra = r["http_p50_ms"] - r["b1_p50_ms"]
         print(f"HTTP over the library at p50, {engine}: {extra:+.2f} ms "
-              f"(the round trip alone, GET /ping: {r['ping_p50_ms']:.2f} ms)")  # fmt: skip
+              f"(GET /ping, back to back: {r['ping_p50_ms']:.2f} ms)")  # fmt: skip
     for engine, r in results.items():
         if r["server_predict_p50_ms"] is not None:
             print(f"where an HTTP request's time goes, {engine}, p50 (Server-Timing): predict "
                   f"{r['server_predict_p50_ms']:.2f} ms inside the server (library "
                   f"{r['b1_p50_ms']:.2f}), the handler's own code +{r['handler_p50_ms']:.2f}, "
-                  f"the rest (transport, client, routing) +{r['transport_p50_ms']:.2f}; "
+                  f"the rest (loopback, client, uvicorn, routing) +{r['transport_p50_ms']:.2f}; "
                   f"p50 of each part, they need not add up")  # fmt: skip
+    stdlib = {engine: r["stdlib_http_p50_ms"] for engine, r in results.items()}
+    print(f"through Python's http.client instead (the client of earlier runs), the same servers "
+          f"in the blocks between: HTTP p50 {stdlib[ENGINES['served']]:.2f} ms "
+          f"({stdlib[ENGINES['served']] - onnx['b1_p50_ms']:+.2f} over the library), pipeline "
+          f"{stdlib[ENGINES['pipeline']]:.2f} ms: HTTP ratio "
+          f"{stdlib[ENGINES['pipeline']] / stdlib[ENGINES['served']]:.2f}x; GET /ping "
+          f"{onnx['stdlib_ping_p50_ms']:.2f} ms back to back (minimal client "
+          f"{onnx['ping_p50_ms']:.2f}); the client's CPU a request (its thread, with its "
+          f"share of loopback's kernel work): "
+          f"http.client {onnx['stdlib_client_cpu_p50_ms']:.3f} ms, minimal client "
+          f"{onnx['client_cpu_p50_ms']:.3f} ms")  # fmt: skip
     print(json.dumps(results))
     if args.scope_model.is_file():
         print(scope_overhead(args.scope_model, texts, args.threads))
@@ -243,7 +262,11 @@ def _p50(values: np.ndarray) -> float | None:
     return None if np.isnan(values).all() else float(np.percentile(values, 50))
 
 
-def http_latencies(engine: str, folder: Path, texts: list[str], threads: int):
+def http_latencies(engine: str, folder: Path, texts: list[str], threads: int) -> dict:
+    """Per request, in ms, on one server: the last tickets warm up, then texts[:300] go
+    through each client in alternating blocks of 50 (so that the machine's drift falls on
+    both alike), then GET /ping alone, the round trip with no model and no JSON, in blocks
+    of its own (a ping between tickets would disturb them as the library's loop is not)."""
     port = free_port()
     if engine != "pipeline":
         command = [sys.executable, "-m", "gata_ft", "serve", str(folder), "--host", "127.0.0.1",
@@ -252,36 +275,42 @@ def http_latencies(engine: str, folder: Path, texts: list[str], threads: int):
     else:
         command = [sys.executable, "-c", PIPELINE_SERVER, str(folder), str(port), str(threads)]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    clients = {}
     try:
         wait_for_ping(port, server)
-        times, floor, app, predict = [], [], [], []
-        # one kept-alive connection, as SageMaker's front end keeps them to the container
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        warm_up = len(texts) - 300  # the last ones, first: as the library's run
-        for i, text in enumerate(texts[300:] + texts[:300]):
-            body = json.dumps({"text": text}).encode()
-            headers = {"Content-Type": "application/json"}
-            started = time.perf_counter()
-            connection.request("POST", "/invocations", body, headers)
-            response = connection.getresponse()
-            response.read()
-            assert response.status == 200, f"{engine}: HTTP {response.status}"
-            if i >= warm_up:
-                times.append((time.perf_counter() - started) * 1000)
-                timing = dict(  # gata-ft: "app;dur=1.334, predict;dur=1.096"; the pipeline none
-                    item.strip().split(";dur=") for item in response.getheader("Server-Timing", "")
-                    .split(",") if ";dur=" in item
-                )  # fmt: skip
-                app.append(float(timing.get("app", "nan")))
-                predict.append(float(timing.get("predict", "nan")))
-            started = time.perf_counter()  # the HTTP round trip alone: no model, no JSON
-            connection.request("GET", "/ping")
-            connection.getresponse().read()
-            if i >= warm_up:
-                floor.append((time.perf_counter() - started) * 1000)
-        connection.close()
-        return times, floor, app, predict
+        # each keeps one connection alive, as SageMaker's front end does to the container
+        clients = {name: kind(port) for name, kind in CLIENTS.items()}
+        out = {f"{name} {part}": [] for name in clients for part in PARTS}
+        bodies = [json.dumps({"text": text}).encode() for text in texts]
+        for body in bodies[300:]:  # warm-up: the last ones, as the library's run
+            for client in clients.values():
+                client.request("POST", "/invocations", body, "application/json")
+        measured = [("POST", "/invocations", body) for body in bodies[:300]]
+        requests = measured + [("GET", "/ping", b"")] * 300
+        for block, first in enumerate(range(0, len(requests), 50)):
+            for name in list(clients)[:: 1 if block % 2 else -1]:
+                for method, path, body in requests[first : first + 50]:
+                    cpu, started = time.thread_time(), time.perf_counter()
+                    kind = "application/json" if body else ""
+                    status, headers, _ = clients[name].request(method, path, body, kind)
+                    elapsed = (time.perf_counter() - started) * 1000
+                    cpu = (time.thread_time() - cpu) * 1000
+                    assert status == 200, f"{engine}: HTTP {status} on {method} {path}"
+                    if method == "GET":
+                        out[f"{name} ping"].append(elapsed)
+                        continue
+                    out[f"{name} http"].append(elapsed)
+                    out[f"{name} cpu"].append(cpu)
+                    timing = dict(  # gata-ft: "app;dur=1.334, predict;dur=1.096"; pipeline none
+                        item.strip().split(";dur=") for item in
+                        headers.get("server-timing", "").split(",") if ";dur=" in item
+                    )  # fmt: skip
+                    out[f"{name} app"].append(float(timing.get("app", "nan")))
+                    out[f"{name} predict"].append(float(timing.get("predict", "nan")))
+        return out
     finally:
+        for client in clients.values():
+            client.close()
         server.terminate()
         server.wait()
 

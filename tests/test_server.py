@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import FIXED
+from conftest import FIXED, REPO
 
 from gata_ft.archive import safe_extract
 from gata_ft.runtime import Model
@@ -100,6 +100,42 @@ def test_an_answer_says_where_its_time_went(server):
     timings = _timings(headers["Server-Timing"])
     assert set(timings) == {"app", "predict"}
     assert 0 < timings["predict"] <= timings["app"]
+
+
+def test_the_benchmarks_minimal_client_reads_what_http_client_reads(server):
+    """bench-runtime times the server through bench/serving.py's minimal client: request
+    after request on one connection, it must read the status, headers and body that
+    Python's http.client reads, errors included."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from serving import MinimalClient, StdlibClient
+
+    port = int(server.rsplit(":", 1)[1])
+    clients = MinimalClient(port), StdlibClient(port)
+    requests = [
+        ("POST", "/invocations", b'{"text": "my card was declined"}', "application/json", 200),
+        ("GET", "/ping", b"", "", 200),
+        ("POST", "/invocations", b'{"texts": ["a", "b b"], "top_k": 2}', "application/json", 200),
+        ("POST", "/invocations", "\"caf\u00e9\"\n\"t\u00e9\"\n".encode(), "application/jsonlines",
+         200),
+        ("POST", "/invocations", b"a,b\n", "text/plain", 415),
+        ("POST", "/invocations", b'{"text": ', "application/json", 400),
+        ("GET", "/execution-parameters", b"", "", 200),
+    ]  # fmt: skip
+    try:
+        for method, path, body, kind, status in requests * 2:
+            minimal, stdlib = (c.request(method, path, body, kind) for c in clients)
+            assert minimal[0] == stdlib[0] == status, (path, body)
+            assert minimal[2] == stdlib[2]
+            assert minimal[2] or path == "/ping"  # /ping's answer alone is empty
+            varying = ("date", "server-timing")  # the clock's
+            assert {k: v for k, v in minimal[1].items() if k not in varying} == {
+                k: v for k, v in stdlib[1].items() if k not in varying
+            }
+            timed = "server-timing" in minimal[1]
+            assert timed == (path == "/invocations" and status == 200)
+    finally:
+        for client in clients:
+            client.close()
 
 
 def test_server_timing_measures_the_model_apart_from_the_app():
