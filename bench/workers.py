@@ -2,7 +2,8 @@
 with 1 and with 2 worker processes, side by side on the same model.
 
 Each server gets 600 BANKING77 tickets as single requests from 2 concurrent
-clients (kept-alive connections, as SageMaker's front end holds them), then the
+clients (kept-alive connections, as SageMaker's front end holds them; bench/serving.py's
+minimal client, so that little of the 2 cores goes to the clients), then the
 memory of its whole process tree is read from /proc: RSS counts the shared
 libraries once per process, PSS splits them among the processes that map them
 (what the tree really holds), and each process's peak (VmHWM). A serverless
@@ -14,7 +15,6 @@ Uses the BANKING77 model exported by `make bench-export`. Run: make bench-worker
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import subprocess
@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from machine import describe
-from serving import free_port, wait_for_ping
+from serving import MinimalClient, free_port, wait_for_ping
 
 REPO = Path(__file__).resolve().parent.parent
 WORK = REPO / "build" / "bench" / "banking77"
@@ -76,13 +76,11 @@ def measure(folder: Path, workers: int, texts: list[str]):
         wait_for_ping(port, server)
 
         def client(part: list[str]) -> None:
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            connection = MinimalClient(port, timeout=60)  # little client work on the 2 cores
             for text in part:
-                connection.request("POST", "/invocations", json.dumps({"text": text}).encode(),
-                                   {"Content-Type": "application/json"})  # fmt: skip
-                response = connection.getresponse()
-                response.read()
-                assert response.status == 200, response.status
+                body = json.dumps({"text": text}).encode()
+                answer = connection.request("POST", "/invocations", body, "application/json")
+                assert answer[0] == 200, answer[0]
             connection.close()
 
         parts = [texts[i::CLIENTS] for i in range(CLIENTS)]
