@@ -291,8 +291,8 @@ def http_latencies(engine: str, folder: Path, texts: list[str], threads: int) ->
             for name in list(clients)[:: 1 if block % 2 else -1]:
                 for method, path, body in requests[first : first + 50]:
                     cpu, started = time.thread_time(), time.perf_counter()
-                    kind = "application/json" if body else ""
-                    status, headers, _ = clients[name].request(method, path, body, kind)
+                    content_type = "application/json" if body else ""
+                    status, headers, _ = clients[name].request(method, path, body, content_type)
                     elapsed = (time.perf_counter() - started) * 1000
                     cpu = (time.thread_time() - cpu) * 1000
                     assert status == 200, f"{engine}: HTTP {status} on {method} {path}"

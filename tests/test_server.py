@@ -102,11 +102,11 @@ def test_an_answer_says_where_its_time_went(server):
     assert 0 < timings["predict"] <= timings["app"]
 
 
-def test_the_benchmarks_minimal_client_reads_what_http_client_reads(server):
+def test_the_benchmarks_minimal_client_reads_what_http_client_reads(server, monkeypatch):
     """bench-runtime times the server through bench/serving.py's minimal client: request
     after request on one connection, it must read the status, headers and body that
     Python's http.client reads, errors included."""
-    sys.path.insert(0, str(REPO / "bench"))
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
     from serving import MinimalClient, StdlibClient
 
     port = int(server.rsplit(":", 1)[1])
