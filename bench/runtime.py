@@ -290,8 +290,8 @@ def http_latencies(engine: str, folder: Path, texts: list[str], threads: int) ->
         for block, first in enumerate(range(0, len(requests), 50)):
             for name in list(clients)[:: 1 if block % 2 else -1]:
                 for method, path, body in requests[first : first + 50]:
-                    cpu, started = time.thread_time(), time.perf_counter()
                     content_type = "application/json" if body else ""
+                    cpu, started = time.thread_time(), time.perf_counter()
                     status, headers, _ = clients[name].request(method, path, body, content_type)
                     elapsed = (time.perf_counter() - started) * 1000
                     cpu = (time.thread_time() - cpu) * 1000
