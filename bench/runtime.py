@@ -266,7 +266,7 @@ def http_latencies(engine: str, folder: Path, texts: list[str], threads: int) ->
     """Per request, in ms, on one server: the last tickets warm up, then texts[:300] go
     through each client in alternating blocks of 50 (so that the machine's drift falls on
     both alike), then GET /ping alone, the round trip with no model and no JSON, in blocks
-    of its own (a ping between tickets would disturb them as the library's loop is not)."""
+    of its own, so that tickets follow each other as in the library's loop."""
     port = free_port()
     if engine != "pipeline":
         command = [sys.executable, "-m", "gata_ft", "serve", str(folder), "--host", "127.0.0.1",
